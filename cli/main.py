@@ -1,0 +1,112 @@
+"""The ``apd`` command: parse flags, call a pipeline function, print, exit.
+
+Every expected failure (bad model name, bad config, foreign store, NaN loss)
+becomes one line on stderr and exit code 2; nothing else is done here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.progress import RichReporter
+from pipeline.config import ConfigError
+from stages.errors import StageError
+from stores.run import StoreError
+from targets.registry import TARGETS, UnknownTarget
+
+EXPECTED_ERRORS = (ConfigError, StageError, StoreError, UnknownTarget)
+
+app = typer.Typer(
+    name="apd",
+    help=(
+        "Attribution-based Parameter Decomposition.\n\n"
+        "Workflow: `apd stage1 --model tms_5-2` trains the target (cached in the store) and learns rank-1 "
+        "subcomponents of its weights; `apd status runs/tms_5-2.zarr` shows what a store holds. "
+        f"Built-in targets: {', '.join(TARGETS)}."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+console = Console()
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def default_store(model: str) -> Path:
+    return Path("runs") / f"{model}.zarr"
+
+
+def _print_scores(title: str, scores: dict[str, float]) -> None:
+    table = Table(title=title, show_header=True)
+    table.add_column("score")
+    table.add_column("value", justify="right")
+    for key, value in scores.items():
+        table.add_row(key, f"{value:.6g}")
+    console.print(table)
+
+
+@app.command()
+def stage1(
+    model: str = typer.Option(..., "--model", "-m", help="built-in target name"),
+    store: Optional[Path] = typer.Option(None, help="run directory (default runs/<model>.zarr)"),
+    config: Optional[Path] = typer.Option(None, help="YAML file of stage-1 settings"),
+    steps: Optional[int] = typer.Option(None, help="training steps (after the warm start)"),
+    seed: Optional[int] = typer.Option(None, help="seed for target training, data and init"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    target_file: Optional[Path] = typer.Option(None, help="a state_dict of the built-in architecture to decompose instead of training one"),
+    force: bool = typer.Option(False, help="rerun a finished stage from scratch"),
+    as_json: bool = typer.Option(False, "--json", help="print the scores as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Learn rank-1 subcomponents of every decomposed matrix (APD objective)."""
+    from pipeline.config import resolve_stage1
+    from stages.stage1 import run_stage1
+    from targets.registry import get_target
+
+    try:
+        get_target(model)
+        cfg = resolve_stage1(model, config, steps=steps, seed=seed, device=device)
+        path = store or default_store(model)
+        with RichReporter(enabled=not quiet and not as_json) as reporter:
+            scores = run_stage1(path, model, cfg, force=force, target_file=target_file, reporter=reporter)
+    except EXPECTED_ERRORS as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        err_console.print("interrupted: rerun the same command to resume from the last checkpoint")
+        raise typer.Exit(130)
+    if as_json:
+        print(json.dumps(scores, indent=2))
+    else:
+        _print_scores(f"stage1 scores ({path})", scores)
+
+
+@app.command()
+def status(store: Path = typer.Argument(..., help="run directory")) -> None:
+    """Show what a store holds: each stage's state and key figures."""
+    from pipeline.status import store_status
+
+    try:
+        rows = store_status(store)
+    except EXPECTED_ERRORS as e:
+        _fail(str(e))
+    table = Table(title=f"{store}")
+    for col in ("stage", "status", "detail"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -1,0 +1,141 @@
+"""Validated, frozen configs. Defaults live here and only here: generic ones
+on the model, per-target ones in STAGE1_TARGET_DEFAULTS. A run's config is
+resolved as generic < per-target < YAML file < command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PerMatrix = float | dict[str, float]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line for the user."""
+
+
+class Stage1Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_pieces: int | dict[str, int] = Field(64, description="rank-1 pieces per matrix (C), one value or per matrix name")
+    topk: PerMatrix = Field(1.0, description="batch top-k: mean active pieces per input, per matrix")
+    steps: int = Field(5000, gt=0, description="training steps after the warm start")
+    warm_start_steps: int = Field(200, ge=0, description="faithfulness-only steps before the full objective")
+    init: Literal["random", "data"] = Field(
+        "random", description="random: random unit V; data: V from input activations on sampled data")
+    topk_start: float = Field(1.0, ge=1, description="top-k starts at topk_start * topk and decays linearly to topk")
+    topk_anneal: float = Field(0.0, ge=0, le=1, description="fraction of the main phase over which top-k decays")
+    batch_size: int = Field(1024, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup: float = Field(0.01, ge=0, lt=1, description="fraction of steps with linear lr warm-up")
+    faithfulness_coeff: float = Field(1.0, ge=0)
+    minimality_coeff: float = Field(1.0, ge=0)
+    simplicity_coeff: float = Field(1.0, ge=0)
+    hidden_coeff: float = Field(0.0, ge=0, description="hidden-activation reconstruction (resid_mlp)")
+    schatten_p: float = Field(0.9, gt=0, le=2)
+    simplicity_final: float = Field(
+        1.0, ge=0, le=1,
+        description="simplicity weight at the last step, relative to its start value",
+    )
+    simplicity_anneal_from: float = Field(
+        0.0, ge=0, le=1,
+        description="fraction of the main phase after which the simplicity weight moves linearly to simplicity_final",
+    )
+    eval_samples: int = Field(10_000, gt=0, description="samples scored and masked for stage 2")
+    eval_chunk: int = Field(2048, gt=0, description="zarr chunk length along samples")
+    log_every: int = Field(100, gt=0, description="steps between metric reads (the only host syncs)")
+    checkpoint_every: int = Field(500, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("n_pieces")
+    @classmethod
+    def _positive_pieces(cls, v):
+        values = v.values() if isinstance(v, dict) else [v]
+        if any(int(c) < 1 for c in values):
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("topk")
+    @classmethod
+    def _positive_topk(cls, v):
+        values = v.values() if isinstance(v, dict) else [v]
+        if any(float(k) <= 0 for k in values):
+            raise ValueError("must be > 0")
+        return v
+
+    def per_matrix(self, field: str, name: str) -> float:
+        value = getattr(self, field)
+        if isinstance(value, dict):
+            if name not in value:
+                raise ConfigError(f"config {field} has no value for matrix {name!r} (has: {', '.join(value)})")
+            return value[name]
+        return value
+
+    def check_matrices(self, names: list[str]) -> None:
+        for field in ("n_pieces", "topk"):
+            value = getattr(self, field)
+            if isinstance(value, dict):
+                unknown = set(value) - set(names)
+                missing = set(names) - set(value)
+                if unknown or missing:
+                    raise ConfigError(
+                        f"config {field} must name exactly the decomposed matrices {names}; "
+                        f"unknown {sorted(unknown)}, missing {sorted(missing)}"
+                    )
+
+
+STAGE1_TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tms_5-2": dict(n_pieces=10, topk=0.25, steps=2000, batch_size=2048, lr=3e-2, lr_schedule="cosine",
+                    warmup=0.05, simplicity_coeff=0.7, schatten_p=1.0),
+    "tms_5-2-id": dict(n_pieces=10, topk={"W": 0.25, "hidden": 2.0}, steps=2000, batch_size=2048, lr=3e-2,
+                       warmup=0.05, simplicity_coeff=0.7, schatten_p=1.0),
+    "tms_6-3-synced": dict(n_pieces=12, topk=0.3, steps=2000, batch_size=2048, lr=3e-2,
+                           warmup=0.05, simplicity_coeff=0.7, schatten_p=1.0),
+    "tms_40-10": dict(n_pieces=60, topk=2.0, steps=5000, batch_size=2048, lr=1e-2, warmup=0.05,
+                      minimality_coeff=10.0, simplicity_coeff=20.0, schatten_p=0.9),
+    "tms_40-10-id": dict(n_pieces=60, topk={"W": 2.0, "hidden": 10.0}, steps=5000, batch_size=2048, lr=1e-2,
+                         warmup=0.05, minimality_coeff=10.0, simplicity_coeff=20.0, schatten_p=0.9),
+    "resid_mlp": dict(n_pieces=130, topk=1.28, steps=5000, batch_size=256, lr=3e-3, warmup=0.01,
+                      simplicity_coeff=10.0, hidden_coeff=1.0, schatten_p=0.9),
+    "resid_mlp2": dict(n_pieces=130, topk=1.28, steps=5000, batch_size=256, lr=3e-3, warmup=0.01,
+                       minimality_coeff=2.0, simplicity_coeff=7.0, hidden_coeff=1.0, schatten_p=0.9),
+    "resid_mlp3": dict(n_pieces=130, topk=1.28, steps=5000, batch_size=256, lr=3e-3, warmup=0.01,
+                       minimality_coeff=2.0, simplicity_coeff=7.0, hidden_coeff=1.0, schatten_p=0.9),
+}
+
+
+def _one_line(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        parts.append(f"{loc}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""))
+    return "invalid config: " + "; ".join(parts)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return data
+
+
+def resolve_stage1(model: str, yaml_path: Path | None = None, **flags: Any) -> Stage1Config:
+    """Generic defaults < per-target defaults < YAML < flags (None = not given)."""
+    values: dict[str, Any] = dict(STAGE1_TARGET_DEFAULTS.get(model, {}))
+    if yaml_path is not None:
+        values.update(load_yaml(yaml_path))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return Stage1Config(**values)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None

@@ -1,0 +1,32 @@
+"""What a store holds, stage by stage, for ``apd status``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stores.run import STAGE1, STAGES, TARGET, Run
+
+
+def store_status(path: Path) -> list[tuple[str, str, str]]:
+    run = Run(path)
+    rows = []
+    for stage in STAGES:
+        status = run.status(stage)
+        attrs = run.attrs(stage)
+        detail = ""
+        if stage == TARGET and status == "done":
+            detail = f"{attrs['spec']['name']} ({attrs.get('source')}, seed {attrs.get('seed')})"
+        elif stage == STAGE1 and status == "done":
+            scores = attrs.get("scores", {})
+            keys = [k for k in scores if k.startswith(("tms/mmcs", "tms/grouped_ml2r", "resid/dedicated", "faithfulness"))]
+            detail = ", ".join(f"{k} {scores[k]:.4g}" for k in keys)
+        elif stage == STAGE1 and status in ("running", "failed"):
+            detail = attrs.get("message", "")
+            ckpt = path / "checkpoints" / "stage1.pt"
+            if ckpt.exists():
+                import torch
+
+                step = torch.load(ckpt, weights_only=False)["state"]["step"]
+                detail = (detail + f" checkpoint at step {step}").strip()
+        rows.append((stage, status, detail))
+    return rows

@@ -1,0 +1,266 @@
+"""One run = one zarr v3 directory. This module is the only code that knows
+its paths, chunking and formats; docs/store.md mirrors it array by array.
+
+Writers (the stages) use ``RunStore``; readers (users, other tools, stage 2)
+use ``open_run`` and the ``Run`` it returns.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import zarr
+
+FORMAT_VERSION = 1
+try:
+    APD_VERSION = version("apd")
+except PackageNotFoundError:  # running from a source tree
+    APD_VERSION = "0+source"
+
+# Every node of the store, named once.
+ROOT_ATTR = "apd"  # {"format": int, "apd_version": str, "model": str}
+TARGET = "target"  # attrs: spec, seed, health
+TARGET_STATE = "target/state"  # one array per state_dict entry (params and buffers)
+STAGE_STATUS_ATTR = "status"  # on each stage group: absent | running | done | failed
+STAGE1 = "stage1"  # attrs: status, config, scores, message
+STAGE1_FACTORS = "stage1/factors"  # <param>/U (C, d_out), <param>/V (C, d_in)
+STAGE1_METRICS = "stage1/metrics"  # <metric> (n_logged,), one row per log_every steps
+STAGE1_EVAL_INPUTS = "stage1/eval/inputs"  # (n_eval, n_features)
+STAGE1_EVAL_SCORES = "stage1/eval/scores"  # <param> (n_eval, C) float32
+STAGE1_EVAL_MASKS = "stage1/eval/masks"  # <param> (n_eval, C) bool
+CHECKPOINTS = "checkpoints"  # plain files, written to a temporary name then renamed
+
+STAGES = ("target", "stage1")
+
+
+class StoreError(Exception):
+    """A store that cannot be used as asked; the message is one line."""
+
+
+def _is_apd_store(path: Path) -> bool:
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        return ROOT_ATTR in json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+
+
+def _check_identity(attrs: Mapping[str, Any], path: Path, model: str | None) -> None:
+    info = attrs[ROOT_ATTR]
+    if info.get("format") != FORMAT_VERSION:
+        raise StoreError(
+            f"{path} was written by apd {info.get('apd_version', '?')} (store format {info.get('format')}); "
+            f"this apd ({APD_VERSION}) reads format {FORMAT_VERSION}: use a new --store"
+        )
+    if model is not None and info.get("model") != model:
+        raise StoreError(f"{path} holds a run of model {info.get('model')!r}, not {model!r}: use another --store")
+
+
+def check_writable(path: Path, model: str) -> None:
+    """Raise StoreError unless ``path`` is, or can become, a store of ``model``.
+    Touches nothing."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise StoreError(f"{path} exists and is not a directory: not an apd store")
+        if _is_apd_store(path):
+            _check_identity(json.loads((path / "zarr.json").read_text())["attributes"], path, model)
+        elif any(path.iterdir()):
+            raise StoreError(f"{path} is a non-empty directory that is not an apd store: refusing to write there")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise StoreError(f"{path} is not writable")
+    else:
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot create {path}: {parent} is not writable")
+
+
+def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+class RunStore:
+    """Write access to one run."""
+
+    def __init__(self, path: Path, model: str):
+        self.path = Path(path)
+        check_writable(self.path, model)
+        self.root = zarr.open_group(str(self.path), mode="a")
+        if ROOT_ATTR not in self.root.attrs:
+            self.root.attrs[ROOT_ATTR] = {"format": FORMAT_VERSION, "apd_version": APD_VERSION, "model": model}
+        self.model = model
+
+    # -- stage status -------------------------------------------------------
+    def stage_status(self, stage: str) -> str:
+        if stage not in self.root:
+            return "absent"
+        return self.root[stage].attrs.get(STAGE_STATUS_ATTR, "absent")
+
+    def set_stage(self, stage: str, status: str, **attrs: Any) -> None:
+        group = self.root.require_group(stage)
+        group.attrs.update({STAGE_STATUS_ATTR: status, **attrs})
+
+    def stage_attrs(self, stage: str) -> dict[str, Any]:
+        return dict(self.root[stage].attrs) if stage in self.root else {}
+
+    def reset_stage(self, stage: str) -> None:
+        """Remove a stage's group and checkpoint (``--force``)."""
+        if stage in self.root:
+            shutil.rmtree(self.path / stage)
+        ckpt = self.checkpoint_path(stage)
+        if ckpt.exists():
+            ckpt.unlink()
+        self.root = zarr.open_group(str(self.path), mode="a")
+
+    # -- target -------------------------------------------------------------
+    def write_target(self, spec: Mapping[str, Any], state: Mapping[str, torch.Tensor], **attrs: Any) -> None:
+        group = self.root.require_group(TARGET_STATE)
+        for name, tensor in state.items():
+            group.create_array(name, data=_tensor_to_numpy(tensor), overwrite=True)
+        self.set_stage(TARGET, "done", spec=dict(spec), **attrs)
+
+    # -- checkpoints --------------------------------------------------------
+    def checkpoint_path(self, stage: str) -> Path:
+        return self.path / CHECKPOINTS / f"{stage}.pt"
+
+    def save_checkpoint(self, stage: str, payload: dict) -> None:
+        """Atomic: a reader sees the old checkpoint or the new one, never half."""
+        final = self.checkpoint_path(stage)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_suffix(".pt.tmp")
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+
+    def load_checkpoint(self, stage: str) -> dict | None:
+        path = self.checkpoint_path(stage)
+        if not path.exists():
+            return None
+        return torch.load(path, weights_only=False)
+
+    # -- stage 1 ------------------------------------------------------------
+    def write_stage1_factors(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        group = self.root.require_group(STAGE1_FACTORS)
+        for name, (U, V) in factors.items():
+            sub = group.require_group(name)
+            sub.create_array("U", data=_tensor_to_numpy(U).astype(np.float32), overwrite=True)
+            sub.create_array("V", data=_tensor_to_numpy(V).astype(np.float32), overwrite=True)
+
+    def write_stage1_metrics(self, history: list[dict[str, float]]) -> None:
+        group = self.root.require_group(STAGE1_METRICS)
+        if not history:
+            return
+        for key in history[0]:
+            group.create_array(key, data=np.array([row[key] for row in history], dtype=np.float64), overwrite=True)
+
+    def create_eval_arrays(self, n: int, n_features: int, n_pieces: Mapping[str, int], chunk: int) -> dict:
+        """Empty evaluation arrays, chunked along samples; filled by slices."""
+        inputs = self.root.require_group("stage1/eval").create_array(
+            "inputs", shape=(n, n_features), chunks=(chunk, n_features), dtype="float32", overwrite=True)
+        scores = self.root.require_group(STAGE1_EVAL_SCORES)
+        masks = self.root.require_group(STAGE1_EVAL_MASKS)
+        return {
+            "inputs": inputs,
+            "scores": {k: scores.create_array(k, shape=(n, c), chunks=(chunk, c), dtype="float32", overwrite=True)
+                       for k, c in n_pieces.items()},
+            "masks": {k: masks.create_array(k, shape=(n, c), chunks=(chunk, c), dtype="bool", overwrite=True)
+                      for k, c in n_pieces.items()},
+        }
+
+
+class Run:
+    """Read access to a finished (or partial) run: the stable public API."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_dir() or not _is_apd_store(self.path):
+            raise StoreError(f"{self.path} is not an apd store")
+        self.root = zarr.open_group(str(self.path), mode="r")
+        _check_identity(self.root.attrs, self.path, None)
+
+    @property
+    def model_name(self) -> str:
+        return self.root.attrs[ROOT_ATTR]["model"]
+
+    def status(self, stage: str) -> str:
+        return self.root[stage].attrs.get(STAGE_STATUS_ATTR, "absent") if stage in self.root else "absent"
+
+    def attrs(self, stage: str) -> dict[str, Any]:
+        return dict(self.root[stage].attrs) if stage in self.root else {}
+
+    def _require(self, stage: str) -> None:
+        if self.status(stage) != "done":
+            raise StoreError(f"{self.path}: {stage} is {self.status(stage)}, not done")
+
+    def target_state(self) -> dict[str, torch.Tensor]:
+        self._require(TARGET)
+        group = self.root[TARGET_STATE]
+        return {name: torch.from_numpy(np.asarray(arr[...])) for name, arr in group.arrays()}
+
+    def target(self) -> torch.nn.Module:
+        """The target network as a torch module, weights loaded, in eval mode."""
+        from targets.registry import module_from_spec
+
+        model = module_from_spec(self.attrs(TARGET)["spec"])
+        model.load_state_dict(self.target_state())
+        return model.eval()
+
+    def subcomponents(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{parameter name: (U, V)}; piece c is torch.outer(U[c], V[c]), in the
+        parameter's own shape."""
+        self._require(STAGE1)
+        group = self.root[STAGE1_FACTORS]
+        return {
+            name: (torch.from_numpy(np.asarray(sub["U"][...])), torch.from_numpy(np.asarray(sub["V"][...])))
+            for name, sub in sorted(group.groups())
+        }
+
+    def config(self, stage: str = STAGE1) -> dict[str, Any]:
+        return dict(self.attrs(stage).get("config", {}))
+
+    def scores(self, stage: str = STAGE1) -> dict[str, float]:
+        """The ground-truth and quality scores a stage computed at its end."""
+        return dict(self.attrs(stage).get("scores", {}))
+
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Training metrics, one row per logged step."""
+        return {k: np.asarray(a[...]) for k, a in self.root[STAGE1_METRICS].arrays()}
+
+    def eval_inputs(self) -> zarr.Array:
+        self._require(STAGE1)
+        return self.root[STAGE1_EVAL_INPUTS]
+
+    def attribution_scores(self) -> dict[str, zarr.Array]:
+        """{parameter name: (n_eval, C) zarr array} of the final pieces' attributions."""
+        self._require(STAGE1)
+        return dict(sorted(self.root[STAGE1_EVAL_SCORES].arrays()))
+
+    def masks(self) -> dict[str, zarr.Array]:
+        """{parameter name: (n_eval, C) bool zarr array}: the batch top-k active pieces."""
+        self._require(STAGE1)
+        return dict(sorted(self.root[STAGE1_EVAL_MASKS].arrays()))
+
+
+def open_run(path: str | os.PathLike) -> Run:
+    return Run(Path(path))
+
+
+def iter_chunks(n: int, chunk: int) -> Iterator[slice]:
+    for start in range(0, n, chunk):
+        yield slice(start, min(n, start + chunk))

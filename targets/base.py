@@ -1,0 +1,99 @@
+"""What every target network looks like from outside.
+
+A target's forward pass is written against *linear operators* instead of raw
+weight matrices: ``ops[name](a)`` applies the weight ``name`` (``a @ W.T``) and
+``ops[name].t(h)`` applies its transpose (``h @ W``, for tied weights). The same
+code then runs with the target's own dense weights, with a sum of masked rank-1
+pieces (the top-k forward), or with taps that record activations for
+attributions, without ever building a full copy of a matrix per piece.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class LinearOp(Protocol):
+    def __call__(self, a: Tensor) -> Tensor:
+        """``a @ W.T``: map a (batch, d_in) input to (batch, d_out)."""
+
+    def t(self, h: Tensor) -> Tensor:
+        """``h @ W``: apply the transpose, (batch, d_out) -> (batch, d_in)."""
+
+
+class DenseOp:
+    """A plain weight matrix."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+
+    def __call__(self, a: Tensor) -> Tensor:
+        return a @ self.weight.T
+
+    def t(self, h: Tensor) -> Tensor:
+        return h @ self.weight
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A forward pass: the output and the hidden activations used by the
+    hidden-activation reconstruction loss (empty where the target has none)."""
+
+    output: Tensor
+    hidden: dict[str, Tensor] = field(default_factory=dict)
+
+
+class TargetModel(nn.Module):
+    """Base class of the built-in targets.
+
+    Subclasses set ``decomposed`` (names in ``named_parameters()`` of the
+    matrices that are split into pieces) and implement ``run``. Parameters not
+    listed (biases) and buffers (frozen embeddings) are always on.
+    """
+
+    decomposed: tuple[str, ...] = ()
+
+    def run(self, x: Tensor, ops: Mapping[str, LinearOp]) -> Forward:
+        raise NotImplementedError
+
+    def decomposed_weights(self) -> dict[str, Tensor]:
+        params = dict(self.named_parameters())
+        return {name: params[name] for name in self.decomposed}
+
+    def dense_ops(self) -> dict[str, DenseOp]:
+        return {name: DenseOp(w) for name, w in self.decomposed_weights().items()}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x, self.dense_ops()).output
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Everything the pipeline needs to know about one built-in target.
+
+    ``arch`` holds the constructor arguments (JSON-able), so a stored spec is
+    enough to rebuild the module; ``train`` the target-training recipe.
+    """
+
+    name: str
+    family: str
+    arch: dict
+    train: dict
+    build: Callable[..., TargetModel]
+    sample: Callable[[TargetModel, int, torch.Generator], Tensor]
+    fit: Callable[[TargetModel, dict, torch.Generator, Callable[[int, float], None] | None], float]
+    check: Callable[[TargetModel, torch.Generator], "HealthReport"]
+
+    def make(self) -> TargetModel:
+        return self.build(**self.arch)
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    healthy: bool
+    summary: str
+    figures: dict[str, float]

@@ -1,0 +1,96 @@
+"""Residual MLPs doing compressed computation.
+
+r0 = W_E x, r_{l+1} = r_l + W_out^l ReLU(W_in^l r_l), y = W_E^T r_L, with W_E a
+frozen random embedding (unit-norm feature columns, a buffer, never decomposed).
+Labels y_i = x_i + ReLU(x_i). Only W_in and W_out are decomposed.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from targets.base import Forward, HealthReport, LinearOp, TargetModel
+from targets.training import fit_target
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, d_embed: int, d_mlp: int):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.empty(d_mlp, d_embed))
+        self.W_out = nn.Parameter(torch.empty(d_embed, d_mlp))
+        nn.init.kaiming_uniform_(self.W_in, a=5 ** 0.5)
+        nn.init.kaiming_uniform_(self.W_out, a=5 ** 0.5)
+
+
+class ResidMLP(TargetModel):
+    def __init__(self, n_features: int = 100, d_embed: int = 1000, d_mlp: int = 50,
+                 n_layers: int = 1, feature_probability: float = 0.01, embed_seed: int = 0):
+        super().__init__()
+        self.n_features, self.d_embed, self.d_mlp, self.n_layers = n_features, d_embed, d_mlp, n_layers
+        self.feature_probability = feature_probability
+        # The embedding is part of the architecture: drawn from its own seed so
+        # that a state_dict trained elsewhere matches a freshly built module.
+        g = torch.Generator().manual_seed(embed_seed)
+        W_E = torch.randn(d_embed, n_features, generator=g)
+        self.register_buffer("W_E", W_E / W_E.norm(dim=0, keepdim=True))
+        self.layers = nn.ModuleList(MLPBlock(d_embed, d_mlp) for _ in range(n_layers))
+        self.decomposed = tuple(
+            f"layers.{i}.{w}" for i in range(n_layers) for w in ("W_in", "W_out")
+        )
+
+    def run(self, x: Tensor, ops: Mapping[str, LinearOp]) -> Forward:
+        r = x @ self.W_E.T
+        hidden = {}
+        for i in range(self.n_layers):
+            m = torch.relu(ops[f"layers.{i}.W_in"](r))
+            hidden[f"layers.{i}.mlp"] = m
+            r = r + ops[f"layers.{i}.W_out"](m)
+        return Forward(r @ self.W_E, hidden)
+
+    def sample_inputs(self, batch: int, gen: torch.Generator) -> Tensor:
+        on = torch.rand(batch, self.n_features, generator=gen) < self.feature_probability
+        values = torch.rand(batch, self.n_features, generator=gen) * 2 - 1
+        return values * on
+
+    def monosemantic_baseline_mse(self) -> float:
+        """Expected MSE of a network that computes ReLU exactly for as many
+        features as it has neurons and passes the rest through (error ReLU(x)^2,
+        E = p * 1/6 for x ~ U[-1, 1])."""
+        exact = min(self.n_features, self.d_mlp * self.n_layers)
+        return (self.n_features - exact) / self.n_features * self.feature_probability / 6.0
+
+
+def labels(x: Tensor) -> Tensor:
+    return x + torch.relu(x)
+
+
+def build(**arch) -> ResidMLP:
+    return ResidMLP(**arch)
+
+
+def sample(model: ResidMLP, batch: int, gen: torch.Generator) -> Tensor:
+    return model.sample_inputs(batch, gen)
+
+
+def fit(model: ResidMLP, recipe: dict, gen: torch.Generator, on_step=None) -> float:
+    def batches(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        x = model.sample_inputs(n, g)
+        return x, labels(x)
+
+    return fit_target(model, batches, recipe, gen, on_step)
+
+
+def check(model: ResidMLP, gen: torch.Generator, n: int = 20_000) -> HealthReport:
+    """Healthy when the trained MLP beats the monosemantic baseline."""
+    with torch.no_grad():
+        x = model.sample_inputs(n, gen)
+        mse = float(torch.nn.functional.mse_loss(model(x), labels(x)))
+    baseline = model.monosemantic_baseline_mse()
+    return HealthReport(
+        healthy=mse < baseline,
+        summary=f"MSE {mse:.3e} vs monosemantic baseline {baseline:.3e} (ratio {mse / baseline:.3f})",
+        figures={"mse": mse, "monosemantic_baseline_mse": baseline, "ratio_to_baseline": mse / baseline},
+    )
