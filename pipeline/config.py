@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PerMatrix = float | dict[str, float]
 
@@ -25,7 +25,7 @@ class Stage1Config(BaseModel):
     steps: int = Field(5000, gt=0, description="training steps after the warm start")
     warm_start_steps: int = Field(200, ge=0, description="faithfulness-only steps before the full objective")
     init: Literal["random", "data"] = Field(
-        "random", description="random: random unit V; data: V from input activations on sampled data")
+        "data", description="data: V from diverse input activations on sampled data (k-means++); random: random unit V")
     topk_start: float = Field(1.0, ge=1, description="top-k starts at topk_start * topk and decays linearly to topk")
     topk_anneal: float = Field(0.0, ge=0, le=1, description="fraction of the main phase over which top-k decays")
     batch_size: int = Field(1024, gt=0)
@@ -38,11 +38,11 @@ class Stage1Config(BaseModel):
     hidden_coeff: float = Field(0.0, ge=0, description="hidden-activation reconstruction (resid_mlp)")
     schatten_p: float = Field(0.9, gt=0, le=2)
     simplicity_final: float = Field(
-        1.0, ge=0, le=1,
+        0.0, ge=0, le=1,
         description="simplicity weight at the last step, relative to its start value",
     )
     simplicity_anneal_from: float = Field(
-        0.0, ge=0, le=1,
+        0.5, ge=0, le=1,
         description="fraction of the main phase after which the simplicity weight moves linearly to simplicity_final",
     )
     eval_samples: int = Field(10_000, gt=0, description="samples scored and masked for stage 2")
@@ -68,6 +68,12 @@ class Stage1Config(BaseModel):
             raise ValueError("must be > 0")
         return v
 
+    @model_validator(mode="after")
+    def _checkpoint_on_log_steps(self):
+        if self.checkpoint_every % self.log_every:
+            raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every ({self.log_every})")
+        return self
+
     def per_matrix(self, field: str, name: str) -> float:
         value = getattr(self, field)
         if isinstance(value, dict):
@@ -90,9 +96,9 @@ class Stage1Config(BaseModel):
 
 
 STAGE1_TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tms_5-2": dict(n_pieces=10, topk=0.25, steps=2000, batch_size=2048, lr=3e-2, lr_schedule="cosine",
+    "tms_5-2": dict(n_pieces=10, topk=0.211, steps=2000, batch_size=2048, lr=3e-2, lr_schedule="cosine",
                     warmup=0.05, simplicity_coeff=0.7, schatten_p=1.0),
-    "tms_5-2-id": dict(n_pieces=10, topk={"W": 0.25, "hidden": 2.0}, steps=2000, batch_size=2048, lr=3e-2,
+    "tms_5-2-id": dict(n_pieces=10, topk={"W": 0.211, "hidden": 2.0}, steps=2000, batch_size=2048, lr=3e-2,
                        warmup=0.05, simplicity_coeff=0.7, schatten_p=1.0),
     "tms_6-3-synced": dict(n_pieces=12, topk=0.3, steps=2000, batch_size=2048, lr=3e-2,
                            warmup=0.05, simplicity_coeff=0.7, schatten_p=1.0),

@@ -19,6 +19,7 @@ from pipeline.config import Stage1Config
 from stages.attributions import attributions
 from stages.pieces import MaskedPiecesOp, batch_topk_mask, init_factors
 from targets.base import TargetModel
+from targets.jacobians import tapped_run
 from targets.training import cosine_lr
 
 LOSS_NAMES = ("total", "faithfulness", "minimality", "hidden", "simplicity")
@@ -74,7 +75,10 @@ def new_state(model: TargetModel, cfg: Stage1Config, device: torch.device,
               sample: Callable[[int, torch.Generator], Tensor] | None = None) -> DecompositionState:
     init_gen = torch.Generator().manual_seed(cfg.seed + 1)
     U, V = {}, {}
-    acts = input_activations(model, sample(4 * max(cfg.batch_size, 1024), init_gen)) if cfg.init == "data" else {}
+    acts: dict[str, Tensor] = {}
+    if cfg.init == "data":
+        x = sample(4 * max(cfg.batch_size, 1024), init_gen).to(device)
+        acts = {n: a.cpu() for n, a in input_activations(model, x).items()}
     for name, w in model.decomposed_weights().items():
         C = int(cfg.per_matrix("n_pieces", name))
         if name in acts:
@@ -90,9 +94,7 @@ def new_state(model: TargetModel, cfg: Stage1Config, device: torch.device,
 @torch.no_grad()
 def input_activations(model: TargetModel, x: Tensor) -> dict[str, Tensor]:
     """Each decomposed matrix's input activations (its first use) on ``x``."""
-    from stages.attributions import _tapped_run
-
-    _, uses = _tapped_run(model, x, {n: w.detach() for n, w in model.decomposed_weights().items()}, None)
+    _, uses = tapped_run(model, x, {n: w.detach() for n, w in model.decomposed_weights().items()})
     acts: dict[str, Tensor] = {}
     for name, a, transposed in uses:
         if name not in acts and not transposed:
@@ -102,14 +104,16 @@ def input_activations(model: TargetModel, x: Tensor) -> dict[str, Tensor]:
 
 def init_factors_from_data(weight: Tensor, acts: Tensor, n_pieces: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """V rows: diverse directions of the matrix's input activations, picked by
-    k-means++ seeding (sign-free: rows and their negatives are candidates, so
-    the distance is sqrt(2 - 2|cos|)); U: a ridge least-squares fit of W by
-    those directions, so the pieces start near faithful and never huge."""
+    k-means++ seeding; U: a ridge least-squares fit of W by those directions,
+    so the pieces start near faithful and never huge. A rank-1 piece does not
+    care about the sign of v, so each direction is first flipped to make its
+    largest coordinate positive (v and -v become one candidate)."""
     from sklearn.cluster import kmeans_plusplus
 
     live = acts[acts.norm(dim=1) > 1e-6]
     live = live / live.norm(dim=1, keepdim=True)
-    candidates = torch.cat([live, -live]).double().numpy()
+    lead = live.gather(1, live.abs().argmax(dim=1, keepdim=True))
+    candidates = (live * lead.sign()).double().numpy()
     n_distinct = min(n_pieces, candidates.shape[0])
     seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
     centers, _ = kmeans_plusplus(candidates, n_distinct, random_state=seed)

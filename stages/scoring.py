@@ -82,7 +82,7 @@ def stage1_scores(model: TargetModel, family: str, factors: Factors, cfg: Stage1
     out: dict[str, float] = {}
     for name, err in faithfulness_errors(model, factors).items():
         out[f"faithfulness_rel_error/{name}"] = err
-    out["mean_active_pieces"] = float(sum(c.sum() for c in active_counts.values()) / n_eval)
+    out["mean_active_pieces"] = sum(int(c.sum()) for c in active_counts.values()) / n_eval
     for name, counts in active_counts.items():
         out[f"alive_pieces/{name}"] = float((counts > 0).sum())
     if family == "tms":

@@ -13,7 +13,7 @@ from stages.decompose import NonFiniteLoss, new_state, score_inputs, total_steps
 from stages.errors import StageError
 from stages.report import Reporter, SilentReporter
 from stages.scoring import stage1_scores
-from stages.target import ensure_target
+from stages.target import ensure_target, load_target_file
 from stores.run import STAGE1, RunStore, check_writable, iter_chunks
 from targets.registry import get_target
 
@@ -36,9 +36,10 @@ def run_stage1(store_path: Path, model_name: str, cfg: Stage1Config, *, force: b
     cfg.check_matrices(list(spec.make().decomposed))
     device = resolve_device(cfg.device)
     check_writable(store_path, model_name)  # all validation before the first write
+    user_model = load_target_file(spec, target_file) if target_file is not None else None
 
     store = RunStore(store_path, model_name)
-    model = ensure_target(store, spec, cfg.seed, target_file, reporter)
+    model = ensure_target(store, spec, cfg.seed, target_file, reporter, user_model)
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -57,7 +58,8 @@ def run_stage1(store_path: Path, model_name: str, cfg: Stage1Config, *, force: b
         checkpoint = None
 
     model = model.to(device)
-    state = new_state(model, cfg, device)
+    sample = lambda batch, gen: spec.sample(model, batch, gen)  # noqa: E731
+    state = new_state(model, cfg, device, sample)
     if checkpoint is not None:
         state.load_state_dict(checkpoint["state"])
         reporter.message(f"resuming stage1 from step {state.step}")
@@ -74,7 +76,6 @@ def run_stage1(store_path: Path, model_name: str, cfg: Stage1Config, *, force: b
     def on_checkpoint(s) -> None:
         store.save_checkpoint(STAGE1, {"config": cfg.model_dump(), "state": s.state_dict()})
 
-    sample = lambda batch, gen: spec.sample(model, batch, gen)  # noqa: E731
     try:
         train(model, sample, cfg, state, on_log, on_checkpoint, device)
     except NonFiniteLoss as e:

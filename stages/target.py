@@ -56,15 +56,16 @@ def load_target_file(spec: TargetSpec, path: Path) -> TargetModel:
 
 
 def ensure_target(store: RunStore, spec: TargetSpec, seed: int, target_file: Path | None = None,
-                  reporter: Reporter | None = None) -> TargetModel:
-    """The store's target, putting one there first if it has none."""
+                  reporter: Reporter | None = None, user_model: TargetModel | None = None) -> TargetModel:
+    """The store's target, putting one there first if it has none: the
+    user's (``user_model``, loaded from ``target_file``) or one trained here."""
     reporter = reporter or SilentReporter()
     if store.stage_status(TARGET) == "done":
         if target_file is not None:
             raise StageError(f"{store.path} already holds a target; use a new --store for {target_file}")
         return Run(store.path).target()
     if target_file is not None:
-        model = load_target_file(spec, target_file)
+        model = user_model if user_model is not None else load_target_file(spec, target_file)
         health = spec.check(model, torch.Generator().manual_seed(seed))
         reporter.message(f"target from {target_file}: {health.summary}")
         info = {"seed": seed, "source": str(target_file), "health": health.figures, "healthy": health.healthy}

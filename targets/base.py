@@ -11,10 +11,13 @@ attributions, without ever building a full copy of a matrix per piece.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from targets.jacobians import Site
 
 
 class LinearOp(Protocol):
@@ -69,6 +72,14 @@ class TargetModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.run(x, self.dense_ops()).output
+
+    def attribution_sites(self, x: Tensor) -> tuple[Forward, list["Site"]]:
+        """Every use of a decomposed matrix on ``x`` with its output Jacobian
+        (see targets/jacobians.py). Override with a closed form for speed; the
+        tests hold every target to the reference definition."""
+        from targets.jacobians import autodiff_sites
+
+        return autodiff_sites(self, x)
 
 
 @dataclass(frozen=True)

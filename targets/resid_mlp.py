@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from targets.base import Forward, HealthReport, LinearOp, TargetModel
+from targets.jacobians import Site
 from targets.training import fit_target
 
 
@@ -49,6 +50,49 @@ class ResidMLP(TargetModel):
             hidden[f"layers.{i}.mlp"] = m
             r = r + ops[f"layers.{i}.W_out"](m)
         return Forward(r @ self.W_E, hidden)
+
+    def attribution_sites(self, x: Tensor) -> tuple[Forward, list[Site]]:
+        """Closed-form output Jacobians. y = W_E^T r_L, so dy/dr_L = W_E^T for
+        every input, and going back through a block
+            dy/dr_k = dy/dr_{k+1} + A_k W_in^k,   A_k = dy/dh_k = dy/dr_{k+1} W_out^k D_k
+        (D_k the ReLU mask). So dy/dr_{k+1} = W_E^T + sum_{j>k} A_j W_in^j and
+        every A_k is a small (batch, n_out, d_mlp) tensor built from the
+        d_mlp-sized products W_E^T W_out^k and W_in^j W_out^k: no per-sample
+        (n_out, d_embed) Jacobian is ever formed."""
+        W_E = self.W_E
+        W_in = [blk.W_in.detach() for blk in self.layers]
+        W_out = [blk.W_out.detach() for blk in self.layers]
+        r = x @ W_E.T
+        inputs, masks, hidden = [], [], {}
+        for k in range(self.n_layers):
+            h = r @ W_in[k].T
+            m = torch.relu(h)
+            inputs.append(r)
+            masks.append((h > 0).to(x.dtype))
+            hidden[f"layers.{k}.mlp"] = m
+            r = r + m @ W_out[k].T
+        fwd = Forward(r @ W_E, hidden)
+        A: list[Tensor | None] = [None] * self.n_layers  # dy/dh_k, (batch, n_out, d_mlp)
+        for k in reversed(range(self.n_layers)):
+            through = (W_E.T @ W_out[k]).expand(x.shape[0], -1, -1)
+            for j in range(k + 1, self.n_layers):
+                through = through + A[j] @ (W_in[j] @ W_out[k])
+            A[k] = through * masks[k][:, None, :]
+
+        def contract_in(P: Tensor, k: int) -> Tensor:
+            return (A[k] @ P.T).transpose(0, 1)  # (n_out, batch, C)
+
+        def contract_out(P: Tensor, k: int) -> Tensor:
+            out = (W_E.T @ P.T)[:, None, :]  # the same for every input
+            for j in range(k + 1, self.n_layers):
+                out = out + (A[j] @ (W_in[j] @ P.T)).transpose(0, 1)
+            return out
+
+        sites = []
+        for k in range(self.n_layers):
+            sites.append(Site(f"layers.{k}.W_in", inputs[k], False, lambda P, k=k: contract_in(P, k)))
+            sites.append(Site(f"layers.{k}.W_out", hidden[f"layers.{k}.mlp"], False, lambda P, k=k: contract_out(P, k)))
+        return fwd, sites
 
     def sample_inputs(self, batch: int, gen: torch.Generator) -> Tensor:
         on = torch.rand(batch, self.n_features, generator=gen) < self.feature_probability

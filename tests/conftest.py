@@ -1,0 +1,29 @@
+import shutil
+
+import pytest
+import torch
+
+from stages.target import ensure_target
+from stores.run import RunStore
+from targets.registry import get_target
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tms_target_store(tmp_path_factory):
+    """A store holding only a trained tms_5-2 target (trained once per session)."""
+    path = tmp_path_factory.mktemp("cache") / "tms.zarr"
+    ensure_target(RunStore(path, "tms_5-2"), get_target("tms_5-2"), seed=0)
+    return path
+
+
+@pytest.fixture
+def tms_store(tms_target_store, tmp_path):
+    """A fresh copy of the target-only store, for one test to write into."""
+    path = tmp_path / "run.zarr"
+    shutil.copytree(tms_target_store, path)
+    return path

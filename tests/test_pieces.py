@@ -1,0 +1,44 @@
+import torch
+
+from stages.decompose import init_factors_from_data
+from stages.pieces import MaskedPiecesOp, batch_topk_mask, piece_norms, pieces_sum
+
+
+def test_batch_topk_keeps_largest_entries_over_whole_batch():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.5, 0.6, 0.2], [0.0, 0.0, 0.0], [0.3, 0.8, 0.7]])
+    mask = batch_topk_mask(scores, k=1.0)  # floor(1.0 * 4) = 4 entries in all
+    expected = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0], [0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+    # the per-sample count varies: batch top-k, not per-sample top-k
+    assert mask.sum(1).tolist() == [1, 1, 0, 2]
+
+
+def test_batch_topk_never_keeps_zero_scores():
+    scores = torch.tensor([[0.0, 0.0], [0.0, 0.3]])
+    assert batch_topk_mask(scores, k=2.0).sum() == 1
+
+
+def test_masked_pieces_op_equals_dense_sum_of_active_pieces():
+    gen = torch.Generator().manual_seed(0)
+    U, V = torch.randn(5, 3, generator=gen), torch.randn(5, 4, generator=gen)
+    mask = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 1, 1, 0]])
+    a = torch.randn(2, 4, generator=gen)
+    h = torch.randn(2, 3, generator=gen)
+    op = MaskedPiecesOp(U, V, mask)
+    for b in range(2):
+        W_b = sum(mask[b, c] * torch.outer(U[c], V[c]) for c in range(5))
+        assert torch.allclose(op(a)[b], W_b @ a[b], atol=1e-6)
+        assert torch.allclose(op.t(h)[b], W_b.T @ h[b], atol=1e-6)
+    assert torch.allclose(pieces_sum(U, V), sum(torch.outer(U[c], V[c]) for c in range(5)), atol=1e-6)
+    assert torch.allclose(piece_norms(U, V), torch.stack([torch.linalg.matrix_norm(torch.outer(U[c], V[c]), 2) for c in range(5)]), atol=1e-5)
+
+
+def test_data_init_covers_every_input_direction():
+    """One-hot activations of 4 features, 4 pieces: k-means++ picks each
+    direction once, and the ridge fit reproduces W up to the ridge shrinkage."""
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.eye(4).repeat(50, 1) * torch.rand(200, 1, generator=gen)
+    W = torch.randn(3, 4, generator=gen)
+    U, V = init_factors_from_data(W, acts, 4, gen)
+    assert torch.allclose(V.abs().sum(0), torch.ones(4))  # one piece per direction
+    assert torch.allclose(U.T @ V, W / 1.01, atol=1e-5)

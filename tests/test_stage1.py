@@ -1,0 +1,194 @@
+"""Stage 1 end to end, as a user runs it: recovery, resume, errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from pipeline.config import resolve_stage1
+from stages.stage1 import run_stage1
+from stores import open_run
+
+runner = CliRunner()
+
+
+def apd(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_tms_5_2_recovers_features_from_scratch(tmp_path):
+    """The default config on a fresh store: trains the target, decomposes it,
+    scores it. Over-provisioned C, ground truth recovered."""
+    store = tmp_path / "run.zarr"
+    result = apd("stage1", "--model", "tms_5-2", "--store", store, "--quiet")
+    assert result.exit_code == 0, result.output
+    run = open_run(store)
+    scores = run.scores()
+    assert scores["tms/mmcs"] >= 0.99
+    assert scores["tms/grouped_ml2r"] >= 0.95  # shrinkage undone by the annealed simplicity term
+    assert scores["faithfulness_rel_error/W"] < 1e-2
+
+    # The public API: names from named_parameters, pieces in the parameter's shape.
+    model = run.target()
+    pieces = run.subcomponents()
+    params = dict(model.named_parameters())
+    assert set(pieces) == {"W"} and set(pieces) <= set(params)
+    U, V = pieces["W"]
+    C = resolve_stage1("tms_5-2").n_pieces
+    assert U.shape == (C, 2) and V.shape == (C, 5)
+    assert torch.outer(U[0], V[0]).shape == params["W"].shape
+    total = sum(torch.outer(U[c], V[c]) for c in range(C))
+    assert torch.allclose(total, params["W"], atol=1e-2)
+    masks, attr = run.masks()["W"], run.attribution_scores()["W"]
+    n_eval = resolve_stage1("tms_5-2").eval_samples
+    assert masks.shape == attr.shape == (n_eval, C)
+    assert run.eval_inputs().shape == (n_eval, 5)
+    assert abs(masks[:].sum() / n_eval - scores["mean_active_pieces"]) < 1e-9
+    assert len(run.metrics()["faithfulness"]) > 0
+
+
+def _small(tmp_path, **extra):
+    cfg = tmp_path / "small.yaml"
+    lines = {"steps": 600, "warm_start_steps": 50, "checkpoint_every": 100, "log_every": 50,
+             "eval_samples": 1000, **extra}
+    cfg.write_text("".join(f"{k}: {v}\n" for k, v in lines.items()))
+    return cfg
+
+
+class _InterruptAt:
+    """A reporter that presses Ctrl-C when training reaches ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def message(self, text): pass
+    def start(self, task, total, done=0): pass
+    def finish(self, task): pass
+
+    def advance(self, task, done, info=""):
+        if task.startswith("stage1") and done >= self.step:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_to_the_same_result(tms_store, tmp_path):
+    cfg = resolve_stage1("tms_5-2", _small(tmp_path))
+    reference = tmp_path / "reference.zarr"
+    import shutil
+
+    shutil.copytree(tms_store, reference)
+    run_stage1(reference, "tms_5-2", cfg)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage1(tms_store, "tms_5-2", cfg, reporter=_InterruptAt(420))
+    assert open_run(tms_store).status("stage1") == "running"
+    run_stage1(tms_store, "tms_5-2", cfg)
+    a, b = open_run(reference).subcomponents()["W"], open_run(tms_store).subcomponents()["W"]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert open_run(reference).scores() == open_run(tms_store).scores()
+
+
+def test_kill_9_then_same_command_resumes_bit_for_bit(tms_store, tmp_path):
+    import shutil
+
+    cfg_file = _small(tmp_path, steps=1500)
+    reference = tmp_path / "reference.zarr"
+    shutil.copytree(tms_store, reference)
+    cmd = [sys.executable, "-m", "cli", "stage1", "--model", "tms_5-2", "--config", str(cfg_file), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    subprocess.run([*cmd, "--store", str(reference)], check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen([*cmd, "--store", str(tms_store)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tms_store / "checkpoints" / "stage1.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert open_run(tms_store).status("stage1") == "running"  # killed mid-stage, still readable
+    done = subprocess.run([*cmd, "--store", str(tms_store)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    a, b = open_run(reference).subcomponents()["W"], open_run(tms_store).subcomponents()["W"]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_finished_stage_is_not_rerun_without_force(tms_store, tmp_path):
+    cfg = _small(tmp_path, steps=100)
+    assert apd("stage1", "--model", "tms_5-2", "--store", tms_store, "--config", cfg, "-q").exit_code == 0
+    before = open_run(tms_store).subcomponents()["W"][0]
+    again = apd("stage1", "--model", "tms_5-2", "--store", tms_store, "--config", cfg, "--seed", 5, "-q")
+    assert again.exit_code == 0
+    assert torch.equal(open_run(tms_store).subcomponents()["W"][0], before)
+    forced = apd("stage1", "--model", "tms_5-2", "--store", tms_store, "--config", cfg, "--seed", 5, "--force", "-q")
+    assert forced.exit_code == 0
+    assert not torch.equal(open_run(tms_store).subcomponents()["W"][0], before)
+
+
+def _tree(path):
+    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tms_9-9"], "unknown model 'tms_9-9'"),
+    (["--model", "tms_5-2", "--steps", "0"], "invalid config: steps"),
+    (["--model", "resid_mlp"], "holds a run of model 'tms_5-2', not 'resid_mlp'"),
+    (["--model", "tms_5-2", "--device", "cuda"], None),
+])
+def test_bad_input_is_one_line_error_and_store_untouched(tms_store, args, message):
+    before = _tree(tms_store)
+    result = apd("stage1", *args, "--store", tms_store, "-q")
+    if message is None:  # cuda: fine where there is one
+        if torch.cuda.is_available():
+            return
+        message = "no CUDA device"
+    assert result.exit_code == 2
+    assert message in result.output
+    assert result.output.strip().count("\n") == 0
+    assert _tree(tms_store) == before
+
+
+def test_foreign_directory_is_refused(tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "data.csv").write_text("1,2\n")
+    result = apd("stage1", "--model", "tms_5-2", "--store", d, "-q")
+    assert result.exit_code == 2 and "not an apd store" in result.output
+    assert [p.name for p in d.iterdir()] == ["data.csv"]
+
+
+def test_nan_loss_stops_with_clear_error_and_no_factors(tms_store, tmp_path):
+    cfg = _small(tmp_path, lr=1e12, warm_start_steps=0)
+    result = apd("stage1", "--model", "tms_5-2", "--store", tms_store, "--config", cfg, "-q")
+    assert result.exit_code == 2
+    assert "NaN" in result.output and result.output.strip().count("\n") == 0
+    run = open_run(tms_store)
+    assert run.status("stage1") == "failed"
+    assert run.status("target") == "done"
+    assert "factors" not in run.root["stage1"]
+
+
+def test_user_trained_state_dict_is_decomposed(tms_target_store, tmp_path):
+    state = open_run(tms_target_store).target().state_dict()
+    f = tmp_path / "mine.pt"
+    torch.save(state, f)
+    store = tmp_path / "run.zarr"
+    result = apd("stage1", "--model", "tms_5-2", "--store", store, "--target-file", f,
+                 "--config", _small(tmp_path, steps=50), "-q")
+    assert result.exit_code == 0, result.output
+    run = open_run(store)
+    assert run.attrs("target")["source"] == str(f)
+    assert torch.equal(run.target().W, state["W"])
+
+
+def test_target_file_of_wrong_shape_is_refused(tmp_path):
+    f = tmp_path / "wrong.pt"
+    torch.save({"W": torch.zeros(3, 3), "b": torch.zeros(3)}, f)
+    store = tmp_path / "run.zarr"
+    result = apd("stage1", "--model", "tms_5-2", "--store", store, "--target-file", f, "-q")
+    assert result.exit_code == 2 and "does not fit tms_5-2" in result.output
