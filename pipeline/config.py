@@ -106,12 +106,12 @@ STAGE1_TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
                       minimality_coeff=10.0, simplicity_coeff=20.0, schatten_p=0.9),
     "tms_40-10-id": dict(n_pieces=60, topk={"W": 2.0, "hidden": 10.0}, steps=5000, batch_size=2048, lr=1e-2,
                          warmup=0.05, minimality_coeff=10.0, simplicity_coeff=20.0, schatten_p=0.9),
-    "resid_mlp": dict(n_pieces=130, topk=1.28, steps=5000, batch_size=256, lr=3e-3, warmup=0.01,
-                      simplicity_coeff=10.0, hidden_coeff=1.0, schatten_p=0.9),
-    "resid_mlp2": dict(n_pieces=130, topk=1.28, steps=5000, batch_size=256, lr=3e-3, warmup=0.01,
-                       minimality_coeff=2.0, simplicity_coeff=7.0, hidden_coeff=1.0, schatten_p=0.9),
-    "resid_mlp3": dict(n_pieces=130, topk=1.28, steps=5000, batch_size=256, lr=3e-3, warmup=0.01,
-                       minimality_coeff=2.0, simplicity_coeff=7.0, hidden_coeff=1.0, schatten_p=0.9),
+    "resid_mlp": dict(n_pieces=130, topk=1.28, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
+                      faithfulness_coeff=10.0, simplicity_coeff=10.0, hidden_coeff=1.0, schatten_p=0.9),
+    "resid_mlp2": dict(n_pieces=130, topk=1.28, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
+                       faithfulness_coeff=10.0, minimality_coeff=2.0, simplicity_coeff=7.0, hidden_coeff=1.0, schatten_p=0.9),
+    "resid_mlp3": dict(n_pieces=130, topk=1.28, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
+                       faithfulness_coeff=10.0, minimality_coeff=2.0, simplicity_coeff=7.0, hidden_coeff=1.0, schatten_p=0.9),
 }
 
 

@@ -1,0 +1,29 @@
+# Set-up on a fresh machine needs only python3: `make run` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL ?= resid_mlp
+
+.PHONY: setup run test test-slow clean
+
+$(BIN)/apd: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU build from the local wheel store (any other
+	# spec pulls a multi-GB CUDA build); then the project and its test extras.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(BIN)/apd
+
+setup: $(BIN)/apd
+
+run: setup
+	$(BIN)/apd stage1 --model $(MODEL)
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
