@@ -74,14 +74,16 @@ def stage1(
     from stages.stage1 import run_stage1
     from targets.registry import get_target
 
+    path = store or default_store(model)
     try:
         get_target(model)
         cfg = resolve_stage1(model, config, steps=steps, seed=seed, device=device)
-        path = store or default_store(model)
         with RichReporter(enabled=not quiet and not as_json) as reporter:
             scores = run_stage1(path, model, cfg, force=force, target_file=target_file, reporter=reporter)
     except EXPECTED_ERRORS as e:
         _fail(str(e))
+    except OSError as e:  # disk full, permissions changed under us: say so, keep the store
+        _fail(f"{e.filename or path}: {e.strerror or e}")
     except KeyboardInterrupt:
         err_console.print("interrupted: rerun the same command to resume from the last checkpoint")
         raise typer.Exit(130)

@@ -83,7 +83,9 @@ def check_writable(path: Path, model: str) -> None:
         parent = path.parent
         while not parent.exists():
             parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        if not parent.is_dir():
+            raise StoreError(f"cannot create {path}: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
             raise StoreError(f"cannot create {path}: {parent} is not writable")
 
 

@@ -20,6 +20,13 @@ def test_refuses_a_file_and_a_foreign_directory(tmp_path):
     assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
 
 
+def test_refuses_a_path_under_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(StoreError, match="is not a directory"):
+        check_writable(f / "run.zarr", "tms_5-2")
+
+
 def test_refuses_other_model_and_other_format(tmp_path):
     path = tmp_path / "run.zarr"
     RunStore(path, "tms_5-2")
