@@ -93,6 +93,82 @@ def stage1(
         _print_scores(f"stage1 scores ({path})", scores)
 
 
+def _find_store(store: Optional[Path], model: Optional[str]) -> Path:
+    if store is not None:
+        return store
+    if model is not None:
+        return default_store(model)
+    found = sorted(Path("runs").glob("*.zarr")) if Path("runs").is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    _fail("give --store PATH (or --model NAME for runs/NAME.zarr)")
+
+
+@app.command()
+def group(
+    method: str = typer.Option("spectral", help="spectral | louvain | leiden | mdl | threshold | auto (lowest description length)"),
+    store: Optional[Path] = typer.Option(None, help="run directory (default: runs/<model>.zarr, or the only store in runs/)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="find the store as runs/<model>.zarr"),
+    n_groups: Optional[int] = typer.Option(None, help="spectral: number of groups (default: automatic)"),
+    alpha: Optional[float] = typer.Option(None, help="description length: cost per input per unit of rank"),
+    threshold: Optional[float] = typer.Option(None, help="threshold: Jaccard co-activation for an edge"),
+    resolution: Optional[float] = typer.Option(None, help="louvain/leiden resolution"),
+    samples: Optional[int] = typer.Option(None, help="inputs to collect co-activation on (more than stored: new ones are drawn)"),
+    name: Optional[str] = typer.Option(None, help="name of the grouping in the store (default: the method)"),
+    config: Optional[Path] = typer.Option(None, help="YAML file of grouping settings"),
+    scheduler: Optional[str] = typer.Option(None, help="address of a dask.distributed scheduler (default: local threads)"),
+    force: bool = typer.Option(False, help="redo a finished grouping of the same name"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+) -> None:
+    """Group co-activating rank-1 pieces into higher-rank mechanisms."""
+    from pipeline.config import resolve_group
+    from stages.group import run_group
+
+    path = _find_store(store, model)
+    try:
+        cfg = resolve_group(config, method=method, n_groups=n_groups, alpha=alpha, threshold=threshold,
+                            resolution=resolution, samples=samples, name=name)
+        client = _dask_client(scheduler)
+        with RichReporter(enabled=not quiet and not as_json) as reporter:
+            summary = run_group(path, cfg, force=force, reporter=reporter)
+        if client is not None:
+            client.close()
+    except EXPECTED_ERRORS as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{e.filename or path}: {e.strerror or e}")
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    flat = {
+        "method": summary["method"], "groups": summary["n_groups"], "alive pieces": summary["n_alive"],
+        "inputs": summary["n_samples"], "description length / input": round(summary["description_length_per_input"], 4),
+        "mechanism ranks (rank: count)": summary["group_rank_histogram"],
+        **{f"truth {k}": round(v, 4) for k, v in summary.get("scores", {}).items()},
+    }
+    table = Table(title=f"grouping {cfg.grouping_name!r} ({path})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in flat.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+def _dask_client(address: Optional[str]):
+    """Connect to a dask.distributed scheduler; its client becomes dask's default."""
+    if address is None:
+        return None
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise StageError("--scheduler needs dask.distributed: pip install 'dask[distributed]'") from None
+    try:
+        return Client(address, timeout=10)
+    except (OSError, TimeoutError) as e:
+        raise StageError(f"cannot reach dask scheduler {address}: {e}") from None
+
+
 @app.command()
 def status(store: Path = typer.Argument(..., help="run directory")) -> None:
     """Show what a store holds: each stage's state and key figures."""

@@ -95,6 +95,50 @@ class Stage1Config(BaseModel):
                     )
 
 
+GROUPING_METHODS = ("spectral", "louvain", "leiden", "mdl", "threshold", "auto")
+
+
+class GroupConfig(BaseModel):
+    """Stage 2: grouping rank-1 pieces into mechanisms."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["spectral", "louvain", "leiden", "mdl", "threshold", "auto"] = "spectral"
+    name: str | None = Field(None, description="name of this grouping in the store (default: the method)")
+    n_groups: int | None = Field(None, gt=0, description="spectral: fixed number of groups (default: automatic)")
+    alpha: float = Field(4.0, gt=0, description="description length: bits per input per unit of rank")
+    threshold: float = Field(0.5, gt=0, le=1, description="threshold: Jaccard co-activation for an edge")
+    resolution: float = Field(1.0, gt=0, description="louvain/leiden resolution")
+    min_rate: float = Field(1e-3, ge=0, lt=1, description="pieces active on fewer inputs than this fraction are dead")
+    rank_rtol: float = Field(0.05, gt=0, lt=1, description="numerical rank: singular values below this times the largest piece are zero")
+    dl_samples: int = Field(50_000, gt=0, description="inputs sampled for description lengths inside methods")
+    samples: int | None = Field(None, gt=0, description="inputs to collect co-activation on (default: stage 1's evaluation set)")
+    chunk: int = Field(4096, gt=0, description="inputs per chunk when collecting new samples")
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        if v is not None and (not v or "/" in v or v.startswith((".", "_"))):
+            raise ValueError("must be a plain name (no '/', not starting with '.' or '_')")
+        return v
+
+    @property
+    def grouping_name(self) -> str:
+        return self.name or self.method
+
+
+def resolve_group(yaml_path: Path | None = None, **flags: Any) -> GroupConfig:
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        values.update(load_yaml(yaml_path))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return GroupConfig(**values)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
 STAGE1_TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
     "tms_5-2": dict(n_pieces=10, topk=0.211, steps=2000, batch_size=2048, lr=3e-2, lr_schedule="cosine",
                     warmup=0.05, simplicity_coeff=0.7, schatten_p=1.0),
@@ -106,11 +150,11 @@ STAGE1_TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
                       minimality_coeff=10.0, simplicity_coeff=20.0, schatten_p=0.9),
     "tms_40-10-id": dict(n_pieces=60, topk={"W": 1.0, "hidden": 10.0}, steps=5000, batch_size=2048, lr=1e-2,
                          warmup=0.05, minimality_coeff=10.0, simplicity_coeff=20.0, schatten_p=0.9),
-    "resid_mlp": dict(n_pieces=130, topk=1.28, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
+    "resid_mlp": dict(n_pieces=130, topk=0.5, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
                       faithfulness_coeff=10.0, simplicity_coeff=10.0, hidden_coeff=1.0, schatten_p=0.9),
-    "resid_mlp2": dict(n_pieces=130, topk=1.28, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
+    "resid_mlp2": dict(n_pieces=130, topk=0.5, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
                        faithfulness_coeff=10.0, minimality_coeff=2.0, simplicity_coeff=7.0, hidden_coeff=1.0, schatten_p=0.9),
-    "resid_mlp3": dict(n_pieces=130, topk=1.28, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
+    "resid_mlp3": dict(n_pieces=130, topk=0.5, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
                        faithfulness_coeff=10.0, minimality_coeff=2.0, simplicity_coeff=7.0, hidden_coeff=1.0, schatten_p=0.9),
 }
 

@@ -29,4 +29,10 @@ def store_status(path: Path) -> list[tuple[str, str, str]]:
                 step = torch.load(ckpt, weights_only=False)["state"]["step"]
                 detail = (detail + f" checkpoint at step {step}").strip()
         rows.append((stage, status, detail))
+    for name in run.groupings():
+        info = run.grouping_info(name)
+        detail = f"{info['method']}: {info['n_groups']} mechanisms, DL/input {info['description_length_per_input']:.3f}"
+        if "scores" in info:
+            detail += f", ARI {info['scores']['ari']:.3f}"
+        rows.append((f"group {name}", "done", detail))
     return rows

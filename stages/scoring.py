@@ -55,10 +55,14 @@ def tms_feature_recovery(W: Tensor, U: Tensor, V: Tensor) -> dict[str, float]:
 
 
 def one_hot_probe(model: TargetModel, factors: Factors, cfg: Stage1Config, value: float = 1.0):
-    """Scores, masks and active-piece outputs on the one-hot inputs value * e_i."""
+    """Scores, masks and active-piece outputs on the one-hot inputs value * e_i.
+    Batch top-k runs over the n probes together, with at least one active
+    piece per probe and matrix (k = max(1, k)): each probe holds one feature."""
     n = model.n_features
     x = torch.eye(n) * value
-    scores, masks = score_inputs(model, x, factors, cfg.model_copy(update={"batch_size": n}))
+    topk = cfg.topk
+    probe_topk = {k: max(1.0, v) for k, v in topk.items()} if isinstance(topk, dict) else max(1.0, topk)
+    scores, masks = score_inputs(model, x, factors, cfg.model_copy(update={"batch_size": n, "topk": probe_topk}))
     with torch.no_grad():
         target = model(x)
         ops = {k: MaskedPiecesOp(U, V, masks[k].to(x.dtype)) for k, (U, V) in factors.items()}

@@ -36,6 +36,8 @@ STAGE1_METRICS = "stage1/metrics"  # <metric> (n_logged,), one row per log_every
 STAGE1_EVAL_INPUTS = "stage1/eval/inputs"  # (n_eval, n_features)
 STAGE1_EVAL_SCORES = "stage1/eval/scores"  # <param> (n_eval, C) float32
 STAGE1_EVAL_MASKS = "stage1/eval/masks"  # <param> (n_eval, C) bool
+GROUPINGS = "groupings"  # <name>/ attrs: status, config, method, n_groups, ranks, description_length, scores
+GROUPING_LABELS = "labels"  # groupings/<name>/labels/<param> (C,) int32, -1 = dead
 CHECKPOINTS = "checkpoints"  # plain files, written to a temporary name then renamed
 
 STAGES = ("target", "stage1")
@@ -133,6 +135,16 @@ class RunStore:
             group.create_array(name, data=_tensor_to_numpy(tensor), overwrite=True)
         self.set_stage(TARGET, "done", spec=dict(spec), **attrs)
 
+    # -- stage 2 ------------------------------------------------------------
+    def write_grouping(self, name: str, labels: Mapping[str, np.ndarray], **attrs: Any) -> None:
+        """Labels first, status last: a grouping is only 'done' once whole."""
+        group = self.root.require_group(grouping_path(name))
+        group.attrs.update({STAGE_STATUS_ATTR: "running"})
+        lab = group.require_group(GROUPING_LABELS)
+        for param, values in labels.items():
+            lab.create_array(param, data=np.asarray(values, dtype=np.int32), overwrite=True)
+        group.attrs.update({STAGE_STATUS_ATTR: "done", **attrs})
+
     # -- checkpoints --------------------------------------------------------
     def checkpoint_path(self, stage: str) -> Path:
         return self.path / CHECKPOINTS / f"{stage}.pt"
@@ -184,6 +196,10 @@ class RunStore:
             "masks": {k: masks.create_array(k, shape=(n, c), chunks=(chunk, c), dtype="bool", overwrite=True)
                       for k, c in n_pieces.items()},
         }
+
+
+def grouping_path(name: str) -> str:
+    return f"{GROUPINGS}/{name}"
 
 
 class Run:
@@ -252,6 +268,27 @@ class Run:
         """{parameter name: (n_eval, C) zarr array} of the final pieces' attributions."""
         self._require(STAGE1)
         return dict(sorted(self.root[STAGE1_EVAL_SCORES].arrays()))
+
+    def groupings(self) -> list[str]:
+        """Names of the finished groupings in this run."""
+        if GROUPINGS not in self.root:
+            return []
+        return sorted(name for name, g in self.root[GROUPINGS].groups()
+                      if g.attrs.get(STAGE_STATUS_ATTR) == "done")
+
+    def grouping(self, name: str) -> dict[str, np.ndarray]:
+        """{parameter name: one int label per piece}; -1 marks dead pieces, and
+        mechanism g is the sum of the pieces labelled g across all parameters."""
+        if name not in self.groupings():
+            have = ", ".join(self.groupings()) or "none"
+            raise StoreError(f"{self.path} has no finished grouping {name!r} (has: {have})")
+        group = self.root[grouping_path(name)][GROUPING_LABELS]
+        return {param: np.asarray(arr[...]) for param, arr in sorted(group.arrays())}
+
+    def grouping_info(self, name: str) -> dict[str, Any]:
+        """A grouping's attributes: method, settings, ranks, description length, scores."""
+        self.grouping(name)
+        return dict(self.root[grouping_path(name)].attrs)
 
     def masks(self) -> dict[str, zarr.Array]:
         """{parameter name: (n_eval, C) bool zarr array}: the batch top-k active pieces."""

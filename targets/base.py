@@ -59,9 +59,17 @@ class TargetModel(nn.Module):
     """
 
     decomposed: tuple[str, ...] = ()
+    # Ground truth: matrices whose pieces together form the one mechanism that
+    # every input uses (the TMS hidden identity).
+    shared: tuple[str, ...] = ()
 
     def run(self, x: Tensor, ops: Mapping[str, LinearOp]) -> Forward:
         raise NotImplementedError
+
+    def feature_mechanisms(self) -> list[int]:
+        """Ground truth: the mechanism each input feature belongs to (one per
+        feature unless features are tied together)."""
+        return list(range(self.n_features))
 
     def decomposed_weights(self) -> dict[str, Tensor]:
         params = dict(self.named_parameters())

@@ -30,6 +30,7 @@ class TMS(TargetModel):
             # Frozen in target training, decomposed like any other matrix.
             self.hidden = nn.Parameter(torch.eye(d_hidden), requires_grad=False)
             self.decomposed = ("W", "hidden")
+            self.shared = ("hidden",)
         else:
             self.decomposed = ("W",)
 
@@ -38,6 +39,11 @@ class TMS(TargetModel):
         if "hidden" in ops:
             h = ops["hidden"](h)
         return Forward(torch.relu(ops["W"].t(h) + self.b))
+
+    def feature_mechanisms(self) -> list[int]:
+        """Synced features always fire together: one mechanism."""
+        lead = self.synced_features[0] if self.synced_features else None
+        return [lead if j in self.synced_features else j for j in range(self.n_features)]
 
     def sample_inputs(self, batch: int, gen: torch.Generator) -> Tensor:
         """Each feature on independently with probability p, value U[0, 1];

@@ -1,0 +1,145 @@
+"""Stage 2 as a store-to-store function: stage 1's masks and scores in, a
+named grouping of pieces into mechanisms out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import torch
+
+from pipeline.config import GroupConfig, Stage1Config
+from stages.coactivation import (CoactivationStats, PieceIndex, alive_pieces, coactivation_dask,
+                                 coactivation_numpy, group_activity_counts, sample_rows)
+from stages.decompose import score_inputs
+from stages.errors import StageError
+from stages.grouping import METHODS, GroupingError, GroupingInput, GroupingSettings
+from stages.ground_truth import partition_scores, truth_labels
+from stages.mechanisms import description_length, mechanism_ranks, numerical_rank, relabel
+from stages.report import Reporter, SilentReporter
+from stores.run import STAGE1, STAGE1_EVAL_MASKS, STAGE1_EVAL_SCORES, Run, RunStore, grouping_path
+from targets.registry import get_target
+
+EXTRA_SAMPLES_SEED_OFFSET = 11  # new inputs for --samples come from their own stream
+
+
+def _stage1_arrays(path: Path, index: PieceIndex) -> tuple[da.Array, da.Array]:
+    masks = da.concatenate([da.from_zarr(str(path), component=f"{STAGE1_EVAL_MASKS}/{n}") for n in index.names], axis=1)
+    scores = da.concatenate([da.from_zarr(str(path), component=f"{STAGE1_EVAL_SCORES}/{n}") for n in index.names], axis=1)
+    return masks, scores
+
+
+def _extra_stats(run: Run, index: PieceIndex, n_extra: int, stage1_cfg: Stage1Config, chunk: int,
+                 reporter: Reporter) -> CoactivationStats:
+    """Statistics on ``n_extra`` new inputs, scored with the stage-1 pieces
+    chunk by chunk (nothing held beyond one chunk, nothing written)."""
+    model = run.target()
+    spec = get_target(run.model_name)
+    factors = run.subcomponents()
+    gen = torch.Generator().manual_seed(stage1_cfg.seed + EXTRA_SAMPLES_SEED_OFFSET)
+    total = None
+    reporter.start("collecting new samples", n_extra)
+    done = 0
+    while done < n_extra:
+        n = min(chunk, n_extra - done)
+        x = spec.sample(model, n, gen)
+        scores, masks = score_inputs(model, x, factors, stage1_cfg)
+        m = np.concatenate([masks[k].numpy() for k in index.names], axis=1)
+        s = np.concatenate([scores[k].numpy() for k in index.names], axis=1)
+        stats = coactivation_numpy(m, s)
+        total = stats if total is None else total.merge(stats)
+        done += n
+        reporter.advance("collecting new samples", done)
+    reporter.finish("collecting new samples")
+    return total
+
+
+def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool = False,
+              reporter: Reporter | None = None) -> dict:
+    """Group stage 1's pieces; returns the grouping's summary (also stored)."""
+    reporter = reporter or SilentReporter()
+    run = Run(store_path)
+    if run.status(STAGE1) != "done":
+        raise StageError(f"{store_path} has no finished stage 1 (stage1 is {run.status(STAGE1)}): run apd stage1 first")
+    name = cfg.grouping_name
+    if name in run.groupings() and not force:
+        reporter.message(f"grouping {name!r} already done in {store_path} (use --force to redo)")
+        return run.grouping_info(name)
+    stage1_cfg = Stage1Config(**run.config(STAGE1))
+    factors_t = run.subcomponents()
+    factors = {n: (U.numpy(), V.numpy()) for n, (U, V) in factors_t.items()}
+    index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in factors.items()})
+    masks, scores = _stage1_arrays(run.path, index)
+    n_stored = masks.shape[0]
+
+    n_use = cfg.samples or n_stored
+    reporter.message(f"co-activation over {n_use} inputs x {index.total} pieces")
+    stored_rows = min(n_use, n_stored)
+    stats = coactivation_dask(masks[:stored_rows], scores[:stored_rows], scheduler=scheduler)
+    if n_use > n_stored:
+        stats = stats.merge(_extra_stats(run, index, n_use - n_stored, stage1_cfg, cfg.chunk, reporter))
+
+    alive = alive_pieces(stats, cfg.min_rate)
+    alive_idx = np.flatnonzero(alive)
+    if len(alive_idx) == 0:
+        raise StageError("no piece is alive: every piece is active on fewer than min_rate of the inputs")
+    if cfg.n_groups is not None and cfg.n_groups > len(alive_idx):
+        raise StageError(f"--n-groups {cfg.n_groups} is more than the {len(alive_idx)} alive pieces")
+    sub = CoactivationStats(stats.n_samples, stats.counts[alive], stats.co[np.ix_(alive, alive)],
+                            stats.weighted[np.ix_(alive, alive)])
+    rows = sample_rows(stored_rows, cfg.dl_samples, cfg.seed)
+    sample_masks = np.asarray(masks[:stored_rows][rows].compute(scheduler=scheduler))[:, alive]
+    matrix_of = index.matrix_of()[alive]
+    offsets = index.offsets()
+    flat_U = [factors[n][0] for n in index.names]
+    flat_V = [factors[n][1] for n in index.names]
+
+    def union_rank(positions: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(index.names), dtype=np.int64)
+        cols = alive_idx[positions]
+        mats = index.matrix_of()[cols]
+        for j in np.unique(mats):
+            local = cols[mats == j] - offsets[index.names[j]]
+            out[j] = numerical_rank(flat_U[j][local], flat_V[j][local], cfg.rank_rtol)
+        return out
+
+    inp = GroupingInput(sub, sample_masks, matrix_of, union_rank)
+    settings = GroupingSettings(n_groups=cfg.n_groups, alpha=cfg.alpha, threshold=cfg.threshold,
+                                resolution=cfg.resolution, seed=cfg.seed)
+    methods = [m for m in METHODS if m != "leiden"] if cfg.method == "auto" else [cfg.method]
+    results = []
+    for method in methods:
+        reporter.message(f"grouping with {method}")
+        try:
+            labels_alive = METHODS[method](inp, settings)
+        except GroupingError as e:
+            raise StageError(str(e)) from None
+        labels = np.full(index.total, -1, dtype=np.int64)
+        labels[alive_idx] = labels_alive
+        labels = relabel(labels)
+        n_groups = int(labels.max()) + 1
+        ranks = mechanism_ranks(labels, index, factors, n_groups, cfg.rank_rtol)
+        activity = group_activity_counts(masks[:stored_rows], labels, n_groups, scheduler=scheduler)
+        dl = description_length(activity, ranks.sum(1), cfg.alpha)
+        results.append((dl, method, labels, ranks, activity))
+    dl, method, labels, ranks, activity = min(results, key=lambda r: r[0])
+
+    summary = {
+        "method": method,
+        "config": cfg.model_dump(),
+        "n_samples": int(stats.n_samples),
+        "n_alive": int(alive.sum()),
+        "n_groups": int(labels.max()) + 1,
+        "description_length": dl,
+        "description_length_per_input": dl / stored_rows,
+        "ranks": {n: ranks[:, j].tolist() for j, n in enumerate(index.names)},
+        "group_rank_histogram": {str(r): int(c) for r, c in zip(*np.unique(ranks.sum(1), return_counts=True))},
+        "candidates": {m: d for d, m, *_ in results},
+    }
+    if run.attrs("target").get("spec", {}).get("family") in ("tms", "resid_mlp"):
+        truth = truth_labels(run.target(), factors_t, stage1_cfg, index)
+        summary["scores"] = partition_scores(labels[alive], truth[alive])
+    store = RunStore(store_path, run.model_name)
+    store.write_grouping(name, index.split(labels), **summary)
+    return summary

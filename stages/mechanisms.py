@@ -1,0 +1,74 @@
+"""Mechanisms: groups of rank-1 pieces, their ranks and description length.
+
+A grouping is one integer label per piece (-1 for dead pieces); mechanism g
+is the sum of the pieces labelled g, across all matrices. Pure numpy/torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from stages.coactivation import PieceIndex
+
+
+def numerical_rank(U: np.ndarray, V: np.ndarray, rtol: float) -> int:
+    """Rank of sum_c outer(U[c], V[c]) = U^T V without forming it: with
+    U^T = Q1 R1 and V^T = Q2 R2, U^T V = Q1 (R1 R2^T) Q2^T, so the singular
+    values are those of the small k x k matrix R1 R2^T. Singular values under
+    ``rtol`` times the largest member piece's norm count as zero."""
+    if U.shape[0] == 0:
+        return 0
+    scale = float(np.max(np.linalg.norm(U, axis=1) * np.linalg.norm(V, axis=1)))
+    if scale == 0.0:
+        return 0
+    R1 = np.linalg.qr(U.T.astype(np.float64), mode="r")
+    R2 = np.linalg.qr(V.T.astype(np.float64), mode="r")
+    sv = np.linalg.svd(R1 @ R2.T, compute_uv=False)
+    return int((sv > rtol * scale).sum())
+
+
+def mechanism_ranks(labels: np.ndarray, index: PieceIndex, factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                    n_groups: int, rtol: float) -> np.ndarray:
+    """(n_groups, n_matrices) numerical rank of each mechanism in each matrix."""
+    ranks = np.zeros((n_groups, len(index.names)), dtype=np.int64)
+    per_matrix = index.split(labels)
+    for j, name in enumerate(index.names):
+        U, V = factors[name]
+        lab = per_matrix[name]
+        for g in np.unique(lab[lab >= 0]):
+            members = lab == g
+            ranks[g, j] = numerical_rank(U[members], V[members], rtol)
+    return ranks
+
+
+def description_length(activity: np.ndarray, total_rank: np.ndarray, alpha: float) -> float:
+    """sum_g s_g (log2 G + alpha * rank_g): bits to say which mechanisms each
+    input uses plus alpha per unit of rank used (reference section 4)."""
+    n_groups = len(activity)
+    if n_groups == 0:
+        return 0.0
+    return float((activity * (math.log2(n_groups) + alpha * total_rank)).sum())
+
+
+def relabel(labels: np.ndarray) -> np.ndarray:
+    """Labels 0..G-1 in order of first appearance; -1 stays -1."""
+    out = np.full_like(labels, -1)
+    mapping: dict[int, int] = {}
+    for i, lab in enumerate(labels):
+        if lab >= 0:
+            out[i] = mapping.setdefault(int(lab), len(mapping))
+    return out
+
+
+def mechanism_weights(labels: Mapping[str, np.ndarray], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                      group: int) -> dict[str, torch.Tensor]:
+    """Mechanism ``group`` as a weight matrix per decomposed parameter."""
+    out = {}
+    for name, (U, V) in factors.items():
+        members = torch.from_numpy(np.asarray(labels[name]) == group)
+        out[name] = U[members].T @ V[members]
+    return out
