@@ -64,8 +64,12 @@ def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool
         raise StageError(f"{store_path} has no finished stage 1 (stage1 is {run.status(STAGE1)}): run apd stage1 first")
     name = cfg.grouping_name
     if name in run.groupings() and not force:
+        info = run.grouping_info(name)
+        if info.get("config") != cfg.model_dump():
+            raise StageError(f"grouping {name!r} exists in {store_path} with other settings: "
+                             "give --name for a new one, or --force to replace it")
         reporter.message(f"grouping {name!r} already done in {store_path} (use --force to redo)")
-        return run.grouping_info(name)
+        return info
     stage1_cfg = Stage1Config(**run.config(STAGE1))
     factors_t = run.subcomponents()
     factors = {n: (U.numpy(), V.numpy()) for n, (U, V) in factors_t.items()}
