@@ -6,10 +6,10 @@ MODEL ?= resid_mlp
 
 .PHONY: setup run test test-slow clean
 
+# torch first, pinned: the CPU build from the local wheel store (any other
+# spec pulls a multi-GB CUDA build); then the project and its test extras.
 $(BIN)/apd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch first, pinned: the CPU build from the local wheel store (any other
-	# spec pulls a multi-GB CUDA build); then the project and its test extras.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(BIN)/apd
@@ -18,6 +18,7 @@ setup: $(BIN)/apd
 
 run: setup
 	$(BIN)/apd stage1 --model $(MODEL)
+	$(BIN)/apd group --model $(MODEL)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -15,7 +15,8 @@ allows, one vectorised vector-Jacobian product otherwise). A tied matrix used tw
 
 from __future__ import annotations
 
-from typing import Mapping
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Mapping
 
 import torch
 from torch import Tensor
@@ -24,18 +25,29 @@ from stages.pieces import Factors
 from targets.base import DenseOp, Forward, TargetModel
 
 
+def no_timer(section: str) -> ContextManager:
+    return nullcontext()
+
+
 @torch.no_grad()
-def attributions(model: TargetModel, x: Tensor, factors: Factors) -> tuple[dict[str, Tensor], Forward]:
-    """Fast exact attributions: ({name: (batch, C)}, the target's forward pass)."""
-    fwd, sites = model.attribution_sites(x)
+def attributions(model: TargetModel, x: Tensor, factors: Factors,
+                 timer: Callable[[str], ContextManager] = no_timer) -> tuple[dict[str, Tensor], Forward]:
+    """Fast exact attributions: ({name: (batch, C)}, the target's forward pass).
+    ``timer(section)`` wraps the two phases (benchmarks pass a stopwatch)."""
+    with timer("target forward + jacobians"):
+        fwd, sites = model.attribution_sites(x)
+    with timer("attributions"):
+        return _contract(sites, factors, x.shape[0]), fwd
+
+
+def _contract(sites, factors: Factors, batch: int) -> dict[str, Tensor]:
     contrib: dict[str, Tensor] = {}
     for site in sites:
         U, V = factors[site.name]
         out_side, in_side = (V, U) if site.transposed else (U, V)
         term = site.contract(out_side) * (site.a @ in_side.T)  # (n_out, batch or 1, C)
         contrib[site.name] = term if site.name not in contrib else contrib[site.name] + term
-    scores = {name: term.square().mean(dim=0).expand(x.shape[0], -1).sqrt() for name, term in contrib.items()}
-    return scores, fwd
+    return {name: term.square().mean(dim=0).expand(batch, -1).sqrt() for name, term in contrib.items()}
 
 
 def reference_attributions(model: TargetModel, x: Tensor, factors: Factors) -> dict[str, Tensor]:

@@ -80,28 +80,49 @@ def side_by_side(arrays: Mapping[str, object], index: PieceIndex) -> da.Array:
     return da.concatenate(parts, axis=1)
 
 
+def _block_stats(m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """(1, 3, P, P) partial sums of one row chunk: counts on the diagonal of
+    the first, co-activation, weighted co-activation. The 0/1 products run
+    as float32 BLAS: exact, since a chunk's sums stay far below 2**24."""
+    mf = m.astype(np.float32)
+    w = np.where(m, s, 0).astype(np.float32)
+    out = np.empty((1, 2, m.shape[1], m.shape[1]), dtype=np.float64)
+    out[0, 0] = mf.T @ mf
+    out[0, 1] = w.T @ w
+    return out
+
+
+MAX_CHUNK_ROWS = 1 << 20  # keeps per-chunk float32 sums exact (< 2**24)
+
+
 def coactivation_dask(masks: da.Array, scores: da.Array, scheduler=None) -> CoactivationStats:
     """Exact statistics over chunked (n, P) masks and scores, in memory
     bounded by a few chunks and (P, P) partial sums."""
-    m = masks.astype(np.int64)
-    w = da.where(masks, scores.astype(np.float64), 0.0)
-    counts, co, weighted = da.compute(m.sum(axis=0), m.T @ m, w.T @ w, scheduler=scheduler)
-    return CoactivationStats(int(masks.shape[0]), np.asarray(counts), np.asarray(co), np.asarray(weighted))
+    P = masks.shape[1]
+    masks = masks.rechunk({0: min(masks.chunksize[0], MAX_CHUNK_ROWS), 1: -1})
+    scores = scores.rechunk(masks.chunks)
+    parts = da.map_blocks(_block_stats, masks, scores, dtype=np.float64, new_axis=[2, 3],
+                          chunks=((1,) * masks.numblocks[0], (2,), (P,), (P,)))
+    total = parts.sum(axis=0).compute(scheduler=scheduler)
+    co = np.rint(total[0]).astype(np.int64)
+    return CoactivationStats(int(masks.shape[0]), co.diagonal().copy(), co, total[1])
 
 
 def coactivation_numpy(masks: np.ndarray, scores: np.ndarray) -> CoactivationStats:
-    m = masks.astype(np.int64)
+    """All rows at once, in float64 (exact for counts below 2**53)."""
+    m = masks.astype(np.float64)
     w = np.where(masks, scores.astype(np.float64), 0.0)
-    return CoactivationStats(masks.shape[0], m.sum(0), m.T @ m, w.T @ w)
+    co = np.rint(m.T @ m).astype(np.int64)
+    return CoactivationStats(masks.shape[0], co.diagonal().copy(), co, w.T @ w)
 
 
 def group_activity_counts(masks: da.Array, labels: np.ndarray, n_groups: int, scheduler=None) -> np.ndarray:
     """For each group g, on how many inputs at least one member is active:
     the s_g of the description length. Exact, chunked."""
-    member = np.zeros((labels.shape[0], n_groups), dtype=np.int64)
+    member = np.zeros((labels.shape[0], n_groups), dtype=np.float32)
     alive = labels >= 0
     member[np.flatnonzero(alive), labels[alive]] = 1
-    any_active = (masks.astype(np.int64) @ member) > 0
+    any_active = (masks.astype(np.float32) @ member) > 0
     return np.asarray(any_active.sum(axis=0).compute(scheduler=scheduler)).astype(np.int64)
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, ContextManager, Mapping
 
 import torch
 from torch import Tensor
 
 from pipeline.config import Stage1Config
-from stages.attributions import attributions
+from stages.attributions import attributions, no_timer
 from stages.pieces import MaskedPiecesOp, batch_topk_mask, init_factors
 from targets.base import TargetModel
 from targets.jacobians import tapped_run
@@ -166,13 +166,14 @@ def topk_masks(scores: Mapping[str, Tensor], cfg: Stage1Config, scale: float = 1
 
 def objective(model: TargetModel, x: Tensor, weights: Mapping[str, Tensor], U: Mapping[str, Tensor],
               V: Mapping[str, Tensor], cfg: Stage1Config, simplicity_weight: float,
-              topk_scale: float = 1.0) -> dict[str, Tensor]:
+              topk_scale: float = 1.0, timer: Callable[[str], ContextManager] = no_timer) -> dict[str, Tensor]:
     """All loss terms for one batch (the full APD objective)."""
     n_weights = sum(w.numel() for w in weights.values())
     faith = faithfulness_loss(weights, U, V)
-    scores, target = attributions(model, x, {n: (U[n].detach(), V[n].detach()) for n in U})
-    masks = topk_masks(scores, cfg, topk_scale)
-    fwd = model.run(x, {n: MaskedPiecesOp(U[n], V[n], masks[n].to(x.dtype)) for n in U})
+    scores, target = attributions(model, x, {n: (U[n].detach(), V[n].detach()) for n in U}, timer)
+    with timer("top-k forward"):
+        masks = topk_masks(scores, cfg, topk_scale)
+        fwd = model.run(x, {n: MaskedPiecesOp(U[n], V[n], masks[n].to(x.dtype)) for n in U})
     minimality = torch.nn.functional.mse_loss(fwd.output, target.output)
     hidden = sum(
         (torch.nn.functional.mse_loss(fwd.hidden[h], target.hidden[h]) for h in target.hidden),
