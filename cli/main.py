@@ -66,6 +66,7 @@ def stage1(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     target_file: Optional[Path] = typer.Option(None, help="a state_dict of the built-in architecture to decompose instead of training one"),
     force: bool = typer.Option(False, help="rerun a finished stage from scratch"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training objective"),
     as_json: bool = typer.Option(False, "--json", help="print the scores as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
@@ -77,7 +78,7 @@ def stage1(
     path = store or default_store(model)
     try:
         get_target(model)
-        cfg = resolve_stage1(model, config, steps=steps, seed=seed, device=device)
+        cfg = resolve_stage1(model, config, steps=steps, seed=seed, device=device, compile=compile)
         with RichReporter(enabled=not quiet and not as_json) as reporter:
             scores = run_stage1(path, model, cfg, force=force, target_file=target_file, reporter=reporter)
     except EXPECTED_ERRORS as e:

@@ -51,6 +51,7 @@ class Stage1Config(BaseModel):
     checkpoint_every: int = Field(500, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(False, description="torch.compile the training objective")
 
     @field_validator("n_pieces")
     @classmethod

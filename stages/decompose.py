@@ -201,6 +201,7 @@ def train(
     """Run from ``state.step`` to the end. Host syncs happen only every
     ``log_every`` steps (metrics) and at checkpoints."""
     weights = {n: w.detach().to(device) for n, w in model.decomposed_weights().items()}
+    loss_fn = torch.compile(objective) if cfg.compile else objective
     end = total_steps(cfg)
     running = {k: torch.zeros((), device=device) for k in LOSS_NAMES}
     since_log = 0
@@ -215,8 +216,8 @@ def train(
             losses["total"] = losses["faithfulness"] = faith
         else:
             x = sample(cfg.batch_size, state.data_gen).to(device)
-            losses = objective(model, x, weights, state.U, V, cfg, simplicity_weight_at(cfg, step),
-                               topk_scale_at(cfg, step))
+            losses = loss_fn(model, x, weights, state.U, V, cfg, simplicity_weight_at(cfg, step),
+                             topk_scale_at(cfg, step))
         state.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         state.optimizer.step()
