@@ -18,7 +18,7 @@ from pipeline.config import resolve_stage1
 from stages.decompose import new_state, score_inputs, train
 from stages.scoring import stage1_scores
 from stages.target import train_target
-from stages.report import SilentReporter
+from stages.progress import SilentReporter
 from targets.registry import get_target
 
 VARIANTS = {

@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.config import resolve_stage1
 from stages.attributions import attributions, reference_attributions
 from stages.decompose import new_state, objective, simplicity_weight_at, train, unit_rows
-from stages.report import SilentReporter
+from stages.progress import SilentReporter
 from stages.scoring import dedicated_pieces, faithfulness_errors, one_hot_probe, tms_feature_recovery
 from stages.target import train_target
 from targets.registry import TARGETS, get_target

@@ -26,8 +26,10 @@ app = typer.Typer(
     name="apd",
     help=(
         "Attribution-based Parameter Decomposition.\n\n"
-        "Workflow: `apd stage1 --model tms_5-2` trains the target (cached in the store) and learns rank-1 "
-        "subcomponents of its weights; `apd status runs/tms_5-2.zarr` shows what a store holds. "
+        "Workflow: `apd run --model tms_5-2` does everything into runs/tms_5-2.zarr; or stage by stage: "
+        "`apd stage1 --model tms_5-2` trains the target (cached in the store) and learns rank-1 "
+        "subcomponents of its weights; `apd group --model tms_5-2` groups them into mechanisms; "
+        "`apd verify --model tms_5-2` re-checks the mechanisms; `apd status runs/tms_5-2.zarr` shows what a store holds. "
         f"Built-in targets: {', '.join(TARGETS)}."
     ),
     no_args_is_help=True,
@@ -156,6 +158,51 @@ def group(
     console.print(table)
 
 
+@app.command()
+def verify(
+    store: Optional[Path] = typer.Option(None, help="run directory (default: runs/<model>.zarr, or the only store in runs/)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="find the store as runs/<model>.zarr"),
+    method: Optional[str] = typer.Option(None, "--method", help="name of the grouping to verify (default: the only one)"),
+    samples: Optional[int] = typer.Option(None, help="fresh inputs for the minimality check"),
+    config: Optional[Path] = typer.Option(None, help="YAML file of verify settings (thresholds)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+) -> None:
+    """Re-check a grouping: faithfulness, minimality, simplicity. Exit 0 when every check passes, 1 otherwise."""
+    from pipeline.config import resolve_verify
+    from stages.verify import run_verify
+
+    path = _find_store(store, model)
+    try:
+        cfg = resolve_verify(config, grouping=method, samples=samples)
+        with RichReporter(enabled=not quiet and not as_json) as reporter:
+            result = run_verify(path, cfg, reporter=reporter)
+    except EXPECTED_ERRORS as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{e.filename or path}: {e.strerror or e}")
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_verify(result)
+    raise typer.Exit(0 if result["passed"] else 1)
+
+
+def print_verify(result: dict) -> None:
+    table = Table(title=f"verify grouping {result['grouping']!r} on {result['samples']} fresh inputs")
+    for col in ("check", "verdict", "figure", "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for check, body in result["checks"].items():
+        verdict = "[green]pass[/]" if body["passed"] else "[red]FAIL[/]"
+        for i, (k, v) in enumerate(body["figures"].items()):
+            table.add_row(check if i == 0 else "", verdict if i == 0 else "", k,
+                          f"{v:.4g}" if isinstance(v, float) else str(v))
+        table.add_row("", "", f"[dim]threshold: {body['threshold']}[/]", "")
+    console.print(table)
+    failed = [c for c, b in result["checks"].items() if not b["passed"]]
+    console.print("all checks passed" if not failed else f"[red]failed:[/] {', '.join(failed)}")
+
+
 def _dask_client(address: Optional[str]):
     """Connect to a dask.distributed scheduler; its client becomes dask's default."""
     if address is None:
@@ -168,6 +215,62 @@ def _dask_client(address: Optional[str]):
         return Client(address, timeout=10)
     except (OSError, TimeoutError) as e:
         raise StageError(f"cannot reach dask scheduler {address}: {e}") from None
+
+
+@app.command("run")
+def run_all(
+    model: str = typer.Option(..., "--model", "-m", help="built-in target name"),
+    store: Optional[Path] = typer.Option(None, help="run directory (default runs/<model>.zarr)"),
+    config: Optional[Path] = typer.Option(None, help="YAML file of stage-1 settings"),
+    method: str = typer.Option("spectral", help="grouping method"),
+    seed: Optional[int] = typer.Option(None, help="seed for target training, data and init"),
+    as_json: bool = typer.Option(False, "--json", help="print the verify result as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """The whole pipeline: target, stage 1, grouping, verify. Rerun to resume; finished stages are skipped."""
+    from pipeline.config import resolve_group, resolve_stage1, resolve_verify
+    from pipeline.run import run_pipeline
+
+    path = store or default_store(model)
+    try:
+        from targets.registry import get_target
+
+        get_target(model)
+        s1 = resolve_stage1(model, config, seed=seed)
+        grp = resolve_group(None, method=method)
+        ver = resolve_verify(None)
+        with RichReporter(enabled=not quiet and not as_json) as reporter:
+            result = run_pipeline(path, model, s1, grp, ver, reporter)
+    except EXPECTED_ERRORS as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{e.filename or path}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        err_console.print("interrupted: rerun the same command to resume")
+        raise typer.Exit(130)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_verify(result)
+    raise typer.Exit(0 if result["passed"] else 1)
+
+
+@app.command()
+def report(
+    store: Path = typer.Argument(..., help="run directory"),
+    out: Optional[Path] = typer.Option(None, help="HTML file to write (default: <store>/report.html)"),
+    method: Optional[str] = typer.Option(None, "--method", help="grouping to show (default: the first)"),
+) -> None:
+    """Write a self-contained HTML page with figures about a run."""
+    from stages.html_report import write_report
+
+    try:
+        path = write_report(store, out or store / "report.html", method)
+    except EXPECTED_ERRORS as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{e.filename or store}: {e.strerror or e}")
+    console.print(f"wrote {path}")
 
 
 @app.command()

@@ -140,6 +140,30 @@ def resolve_group(yaml_path: Path | None = None, **flags: Any) -> GroupConfig:
         raise ConfigError(_one_line(e)) from None
 
 
+class VerifyConfig(BaseModel):
+    """Stage 3: independent checks of a grouping, with pass thresholds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    grouping: str | None = Field(None, description="grouping to verify (default: the only one in the store)")
+    samples: int = Field(10_000, gt=0, description="fresh inputs drawn for the minimality check")
+    faithfulness_max: float = Field(0.02, gt=0, description="largest relative error |W - sum of mechanisms| / |W| per matrix")
+    output_error_max: float = Field(0.1, gt=0, description="largest output MSE with only the active mechanisms, "
+                                                           "as a fraction of the MSE with everything ablated")
+    seed: int = 0
+
+
+def resolve_verify(yaml_path: Path | None = None, **flags: Any) -> VerifyConfig:
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        values.update(load_yaml(yaml_path))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return VerifyConfig(**values)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
 STAGE1_TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
     "tms_5-2": dict(n_pieces=10, topk=0.211, steps=2000, batch_size=2048, lr=3e-2, lr_schedule="cosine",
                     warmup=0.05, simplicity_coeff=0.7, schatten_p=1.0),

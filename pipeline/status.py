@@ -35,4 +35,8 @@ def store_status(path: Path) -> list[tuple[str, str, str]]:
         if "scores" in info:
             detail += f", ARI {info['scores']['ari']:.3f}"
         rows.append((f"group {name}", "done", detail))
+        ver = run.verification(name)
+        if ver is not None:
+            verdicts = ", ".join(f"{c} {'pass' if b['passed'] else 'FAIL'}" for c, b in ver["checks"].items())
+            rows.append((f"verify {name}", "passed" if ver["passed"] else "failed", verdicts))
     return rows

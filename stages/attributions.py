@@ -40,14 +40,43 @@ def attributions(model: TargetModel, x: Tensor, factors: Factors,
         return _contract(sites, factors, x.shape[0]), fwd
 
 
+@torch.no_grad()
+def mechanism_attributions(model: TargetModel, x: Tensor, factors: Factors,
+                           membership: Mapping[str, Tensor]) -> tuple[Tensor, Forward]:
+    """Attributions of mechanisms: ``membership[name]`` is a (C, G) 0/1 matrix
+    saying which mechanism each piece of ``name`` belongs to. A mechanism's
+    attribution is that of the sum of its pieces (across matrices), not a sum
+    of their scores: the per-output terms are summed before squaring."""
+    fwd, sites = model.attribution_sites(x)
+    total = None
+    for site in sites:
+        U, V = factors[site.name]
+        out_side, in_side = (V, U) if site.transposed else (U, V)
+        term = (site.contract(out_side) * (site.a @ in_side.T)) @ membership[site.name]  # (n_out, batch, G)
+        total = term if total is None else total + term
+    return total.square().mean(dim=0).expand(x.shape[0], -1).sqrt(), fwd
+
+
 def _contract(sites, factors: Factors, batch: int) -> dict[str, Tensor]:
+    uses: dict[str, int] = {}
+    for site in sites:
+        uses[site.name] = uses.get(site.name, 0) + 1
+    sq: dict[str, Tensor] = {}
     contrib: dict[str, Tensor] = {}
     for site in sites:
         U, V = factors[site.name]
         out_side, in_side = (V, U) if site.transposed else (U, V)
-        term = site.contract(out_side) * (site.a @ in_side.T)  # (n_out, batch or 1, C)
-        contrib[site.name] = term if site.name not in contrib else contrib[site.name] + term
-    return {name: term.square().mean(dim=0).expand(batch, -1).sqrt() for name, term in contrib.items()}
+        jac_term = site.contract(out_side)  # (n_out, batch or 1, C)
+        inner = site.a @ in_side.T  # (batch, C)
+        if uses[site.name] == 1:
+            # one use: sum_o (G s)^2 = s^2 sum_o G^2, no (n_out, batch, C) product
+            sq[site.name] = jac_term.square().mean(dim=0) * inner.square()
+        else:
+            term = jac_term * inner
+            contrib[site.name] = term if site.name not in contrib else contrib[site.name] + term
+    for name, term in contrib.items():
+        sq[name] = term.square().mean(dim=0)
+    return {name: v.expand(batch, -1).sqrt() for name, v in sq.items()}
 
 
 def reference_attributions(model: TargetModel, x: Tensor, factors: Factors) -> dict[str, Tensor]:

@@ -17,7 +17,7 @@ from stages.errors import StageError
 from stages.grouping import METHODS, GroupingError, GroupingInput, GroupingSettings
 from stages.ground_truth import partition_scores, truth_labels
 from stages.mechanisms import description_length, mechanism_ranks, numerical_rank, relabel
-from stages.report import Reporter, SilentReporter
+from stages.progress import Reporter, SilentReporter
 from stores.run import STAGE1, STAGE1_EVAL_MASKS, STAGE1_EVAL_SCORES, Run, RunStore, grouping_path
 from targets.registry import get_target
 
@@ -138,6 +138,8 @@ def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool
         "description_length": dl,
         "description_length_per_input": dl / stored_rows,
         "ranks": {n: ranks[:, j].tolist() for j, n in enumerate(index.names)},
+        "activity": activity.tolist(),
+        "mean_active_mechanisms": float(activity.sum() / stored_rows),
         "group_rank_histogram": {str(r): int(c) for r, c in zip(*np.unique(ranks.sum(1), return_counts=True))},
         "candidates": {m: d for d, m, *_ in results},
     }

@@ -11,7 +11,7 @@ import torch
 from pipeline.config import ConfigError, Stage1Config
 from stages.decompose import NonFiniteLoss, new_state, score_inputs, total_steps, train
 from stages.errors import StageError
-from stages.report import Reporter, SilentReporter
+from stages.progress import Reporter, SilentReporter
 from stages.scoring import stage1_scores
 from stages.target import ensure_target, load_target_file
 from stores.run import STAGE1, RunStore, check_writable, iter_chunks

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from stages.errors import StageError
-from stages.report import Reporter, SilentReporter
+from stages.progress import Reporter, SilentReporter
 from stores.run import TARGET, Run, RunStore
 from targets.base import TargetModel, TargetSpec
 from targets.registry import spec_to_dict

@@ -38,6 +38,7 @@ STAGE1_EVAL_SCORES = "stage1/eval/scores"  # <param> (n_eval, C) float32
 STAGE1_EVAL_MASKS = "stage1/eval/masks"  # <param> (n_eval, C) bool
 GROUPINGS = "groupings"  # <name>/ attrs: status, config, method, n_groups, ranks, description_length, scores
 GROUPING_LABELS = "labels"  # groupings/<name>/labels/<param> (C,) int32, -1 = dead
+VERIFY = "verify"  # <grouping>/ attrs: status, passed, checks (figures and verdicts), config
 CHECKPOINTS = "checkpoints"  # plain files, written to a temporary name then renamed
 
 STAGES = ("target", "stage1")
@@ -144,6 +145,11 @@ class RunStore:
         for param, values in labels.items():
             lab.create_array(param, data=np.asarray(values, dtype=np.int32), overwrite=True)
         group.attrs.update({STAGE_STATUS_ATTR: "done", **attrs})
+
+    # -- stage 3 ------------------------------------------------------------
+    def write_verify(self, grouping: str, result: Mapping[str, Any]) -> None:
+        group = self.root.require_group(f"{VERIFY}/{grouping}")
+        group.attrs.update({STAGE_STATUS_ATTR: "done", **result})
 
     # -- checkpoints --------------------------------------------------------
     def checkpoint_path(self, stage: str) -> Path:
@@ -289,6 +295,11 @@ class Run:
         """A grouping's attributes: method, settings, ranks, description length, scores."""
         self.grouping(name)
         return dict(self.root[grouping_path(name)].attrs)
+
+    def verification(self, grouping: str) -> dict[str, Any] | None:
+        """The last ``apd verify`` result for a grouping, or None."""
+        path = f"{VERIFY}/{grouping}"
+        return dict(self.root[path].attrs) if path in self.root else None
 
     def masks(self) -> dict[str, zarr.Array]:
         """{parameter name: (n_eval, C) bool zarr array}: the batch top-k active pieces."""

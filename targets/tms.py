@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from targets.base import Forward, HealthReport, LinearOp, TargetModel
+from targets.jacobians import Site
 from targets.training import fit_target
 
 
@@ -39,6 +40,26 @@ class TMS(TargetModel):
         if "hidden" in ops:
             h = ops["hidden"](h)
         return Forward(torch.relu(ops["W"].t(h) + self.b))
+
+    def attribution_sites(self, x: Tensor) -> tuple[Forward, list[Site]]:
+        """Closed-form output Jacobians: with D = ReLU'(pre) (batch, n), the
+        output's Jacobian is D for the W^T use, D * W^T for the hidden layer's
+        output and D * W^T H for W's first use, so every contraction is a
+        small product K (n, C) scaled per input: D[b, o] K[o, c]."""
+        W = self.W.detach()
+        H = self.hidden.detach() if "hidden" in self.decomposed else None
+        h = x @ W.T
+        h2 = h if H is None else h @ H.T
+        pre = h2 @ W + self.b.detach()
+        out = torch.relu(pre)
+        D = (pre > 0).to(x.dtype).T[:, :, None]  # (n, batch, 1)
+        through_hidden = W.T if H is None else W.T @ H  # d out-pre / d h
+
+        sites = [Site("W", x, False, lambda P: D * (through_hidden @ P.T)[:, None, :])]
+        if H is not None:
+            sites.append(Site("hidden", h, False, lambda P: D * (W.T @ P.T)[:, None, :]))
+        sites.append(Site("W", h2, True, lambda P: D * P.T[:, None, :]))
+        return Forward(out), sites
 
     def feature_mechanisms(self) -> list[int]:
         """Synced features always fire together: one mechanism."""

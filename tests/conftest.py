@@ -27,3 +27,16 @@ def tms_store(tms_target_store, tmp_path):
     path = tmp_path / "run.zarr"
     shutil.copytree(tms_target_store, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def id_store(tmp_path_factory):
+    """tms_5-2-id after stage 1 with the default settings (once per session)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    store = tmp_path_factory.mktemp("id") / "run.zarr"
+    result = CliRunner().invoke(app, ["stage1", "--model", "tms_5-2-id", "--store", str(store), "-q"])
+    assert result.exit_code == 0, result.output
+    return store

@@ -13,14 +13,6 @@ def apd(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def id_store(tmp_path_factory):
-    store = tmp_path_factory.mktemp("id") / "run.zarr"
-    result = apd("stage1", "--model", "tms_5-2-id", "--store", store, "-q")
-    assert result.exit_code == 0, result.output
-    return store
-
-
 @pytest.mark.parametrize("method", ["spectral", "mdl"])
 def test_tms_5_2_id_identity_is_one_rank_2_mechanism(id_store, method):
     result = apd("group", "--store", id_store, "--method", method, "-q")
