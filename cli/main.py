@@ -7,6 +7,7 @@ becomes one line on stderr and exit code 2; nothing else is done here.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -45,6 +46,20 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+@contextmanager
+def user_errors(path: Path):
+    """Expected failures become one line and exit code 2; Ctrl-C says how to resume."""
+    try:
+        yield
+    except EXPECTED_ERRORS as e:
+        _fail(str(e))
+    except OSError as e:  # disk full, permissions changed under us: say so, keep the store
+        _fail(f"{e.filename or path}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        err_console.print("interrupted: rerun the same command to resume from the last checkpoint")
+        raise typer.Exit(130)
+
+
 def default_store(model: str) -> Path:
     return Path("runs") / f"{model}.zarr"
 
@@ -78,18 +93,11 @@ def stage1(
     from targets.registry import get_target
 
     path = store or default_store(model)
-    try:
+    with user_errors(path):
         get_target(model)
         cfg = resolve_stage1(model, config, steps=steps, seed=seed, device=device, compile=compile)
         with RichReporter(enabled=not quiet and not as_json) as reporter:
             scores = run_stage1(path, model, cfg, force=force, target_file=target_file, reporter=reporter)
-    except EXPECTED_ERRORS as e:
-        _fail(str(e))
-    except OSError as e:  # disk full, permissions changed under us: say so, keep the store
-        _fail(f"{e.filename or path}: {e.strerror or e}")
-    except KeyboardInterrupt:
-        err_console.print("interrupted: rerun the same command to resume from the last checkpoint")
-        raise typer.Exit(130)
     if as_json:
         print(json.dumps(scores, indent=2))
     else:
@@ -129,7 +137,7 @@ def group(
     from stages.group import run_group
 
     path = _find_store(store, model)
-    try:
+    with user_errors(path):
         cfg = resolve_group(config, method=method, n_groups=n_groups, alpha=alpha, threshold=threshold,
                             resolution=resolution, samples=samples, name=name)
         client = _dask_client(scheduler)
@@ -137,10 +145,6 @@ def group(
             summary = run_group(path, cfg, force=force, reporter=reporter)
         if client is not None:
             client.close()
-    except EXPECTED_ERRORS as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"{e.filename or path}: {e.strerror or e}")
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -173,14 +177,10 @@ def verify(
     from stages.verify import run_verify
 
     path = _find_store(store, model)
-    try:
+    with user_errors(path):
         cfg = resolve_verify(config, grouping=method, samples=samples)
         with RichReporter(enabled=not quiet and not as_json) as reporter:
             result = run_verify(path, cfg, reporter=reporter)
-    except EXPECTED_ERRORS as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"{e.filename or path}: {e.strerror or e}")
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -232,7 +232,7 @@ def run_all(
     from pipeline.run import run_pipeline
 
     path = store or default_store(model)
-    try:
+    with user_errors(path):
         from targets.registry import get_target
 
         get_target(model)
@@ -241,13 +241,6 @@ def run_all(
         ver = resolve_verify(None)
         with RichReporter(enabled=not quiet and not as_json) as reporter:
             result = run_pipeline(path, model, s1, grp, ver, reporter)
-    except EXPECTED_ERRORS as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"{e.filename or path}: {e.strerror or e}")
-    except KeyboardInterrupt:
-        err_console.print("interrupted: rerun the same command to resume")
-        raise typer.Exit(130)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -264,12 +257,8 @@ def report(
     """Write a self-contained HTML page with figures about a run."""
     from stages.html_report import write_report
 
-    try:
+    with user_errors(store):
         path = write_report(store, out or store / "report.html", method)
-    except EXPECTED_ERRORS as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"{e.filename or store}: {e.strerror or e}")
     console.print(f"wrote {path}")
 
 
@@ -278,10 +267,8 @@ def status(store: Path = typer.Argument(..., help="run directory")) -> None:
     """Show what a store holds: each stage's state and key figures."""
     from pipeline.status import store_status
 
-    try:
+    with user_errors(store):
         rows = store_status(store)
-    except EXPECTED_ERRORS as e:
-        _fail(str(e))
     table = Table(title=f"{store}")
     for col in ("stage", "status", "detail"):
         table.add_column(col)

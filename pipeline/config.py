@@ -129,17 +129,6 @@ class GroupConfig(BaseModel):
         return self.name or self.method
 
 
-def resolve_group(yaml_path: Path | None = None, **flags: Any) -> GroupConfig:
-    values: dict[str, Any] = {}
-    if yaml_path is not None:
-        values.update(load_yaml(yaml_path))
-    values.update({k: v for k, v in flags.items() if v is not None})
-    try:
-        return GroupConfig(**values)
-    except ValidationError as e:
-        raise ConfigError(_one_line(e)) from None
-
-
 class VerifyConfig(BaseModel):
     """Stage 3: independent checks of a grouping, with pass thresholds."""
 
@@ -151,17 +140,6 @@ class VerifyConfig(BaseModel):
     output_error_max: float = Field(0.1, gt=0, description="largest output MSE with only the active mechanisms, "
                                                            "as a fraction of the MSE with everything ablated")
     seed: int = 0
-
-
-def resolve_verify(yaml_path: Path | None = None, **flags: Any) -> VerifyConfig:
-    values: dict[str, Any] = {}
-    if yaml_path is not None:
-        values.update(load_yaml(yaml_path))
-    values.update({k: v for k, v in flags.items() if v is not None})
-    try:
-        return VerifyConfig(**values)
-    except ValidationError as e:
-        raise ConfigError(_one_line(e)) from None
 
 
 STAGE1_TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -204,13 +182,26 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def resolve_stage1(model: str, yaml_path: Path | None = None, **flags: Any) -> Stage1Config:
-    """Generic defaults < per-target defaults < YAML < flags (None = not given)."""
-    values: dict[str, Any] = dict(STAGE1_TARGET_DEFAULTS.get(model, {}))
+def _resolve(model: type[BaseModel], defaults: dict[str, Any], yaml_path: Path | None, flags: dict[str, Any]):
+    """defaults < YAML < flags (None = not given), validated into ``model``."""
+    values: dict[str, Any] = dict(defaults)
     if yaml_path is not None:
         values.update(load_yaml(yaml_path))
     values.update({k: v for k, v in flags.items() if v is not None})
     try:
-        return Stage1Config(**values)
+        return model(**values)
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
+
+
+def resolve_stage1(model: str, yaml_path: Path | None = None, **flags: Any) -> Stage1Config:
+    """Generic defaults < per-target defaults < YAML < flags (None = not given)."""
+    return _resolve(Stage1Config, STAGE1_TARGET_DEFAULTS.get(model, {}), yaml_path, flags)
+
+
+def resolve_group(yaml_path: Path | None = None, **flags: Any) -> GroupConfig:
+    return _resolve(GroupConfig, {}, yaml_path, flags)
+
+
+def resolve_verify(yaml_path: Path | None = None, **flags: Any) -> VerifyConfig:
+    return _resolve(VerifyConfig, {}, yaml_path, flags)

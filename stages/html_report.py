@@ -22,6 +22,7 @@ from stages.coactivation import PieceIndex, coactivation_dask  # noqa: E402
 from stages.errors import StageError  # noqa: E402
 from stages.group import _stage1_arrays  # noqa: E402
 from stages.grouping import affinity  # noqa: E402
+from stages.mechanisms import membership_matrices  # noqa: E402
 from stages.pieces import MaskedPiecesOp  # noqa: E402
 from stores.run import STAGE1, Run  # noqa: E402
 
@@ -45,16 +46,6 @@ def loss_curves(run: Run) -> str:
     ax.legend(fontsize=8)
     ax.set_title("stage 1 training")
     return _png(fig)
-
-
-def _membership(labels: dict[str, np.ndarray], n_groups: int) -> dict[str, torch.Tensor]:
-    out = {}
-    for p, lab in labels.items():
-        m = torch.zeros(len(lab), n_groups)
-        rows = np.flatnonzero(lab >= 0)
-        m[rows, lab[rows]] = 1.0
-        out[p] = m
-    return out
 
 
 def tms_directions(run: Run, labels: dict[str, np.ndarray], n_groups: int) -> str:
@@ -103,7 +94,7 @@ def resid_feature_map(run: Run, labels: dict[str, np.ndarray], n_groups: int) ->
     error per feature with only the top mechanisms of each input on."""
     model = run.target()
     factors = run.subcomponents()
-    member = _membership(labels, n_groups)
+    member = membership_matrices(labels, n_groups)
     x = torch.eye(model.n_features)
     scores, _ = mechanism_attributions(model, x, factors, member)
     scores = scores.numpy()

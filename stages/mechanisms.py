@@ -72,3 +72,14 @@ def mechanism_weights(labels: Mapping[str, np.ndarray], factors: Mapping[str, tu
         members = torch.from_numpy(np.asarray(labels[name]) == group)
         out[name] = U[members].T @ V[members]
     return out
+
+
+def membership_matrices(labels: Mapping[str, np.ndarray], n_groups: int) -> dict[str, torch.Tensor]:
+    """Per parameter, a (C, n_groups) 0/1 matrix: piece c belongs to mechanism g."""
+    out = {}
+    for param, lab in labels.items():
+        m = torch.zeros(len(lab), n_groups)
+        rows = np.flatnonzero(np.asarray(lab) >= 0)
+        m[rows, np.asarray(lab)[rows]] = 1.0
+        out[param] = m
+    return out

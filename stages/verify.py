@@ -21,7 +21,7 @@ from pipeline.config import GroupConfig, Stage1Config, VerifyConfig
 from stages.attributions import mechanism_attributions
 from stages.decompose import score_inputs
 from stages.errors import StageError
-from stages.mechanisms import description_length, mechanism_ranks
+from stages.mechanisms import description_length, mechanism_ranks, membership_matrices
 from stages.coactivation import PieceIndex
 from stages.pieces import MaskedPiecesOp, batch_topk_mask, pieces_sum
 from stages.progress import Reporter, SilentReporter
@@ -75,12 +75,7 @@ def run_verify(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = 
         faith[param] = float((w - pieces_sum(U, V)).norm() / w.norm())
         unused[param] = float(pieces_sum(U[dead], V[dead]).norm() / w.norm())
 
-    membership = {}
-    for param, lab in labels.items():
-        m = torch.zeros(len(lab), n_groups)
-        rows = np.flatnonzero(lab >= 0)
-        m[rows, lab[rows]] = 1.0
-        membership[param] = m
+    membership = membership_matrices(labels, n_groups)
     k_mech = float(info["mean_active_mechanisms"])
 
     gen = torch.Generator().manual_seed(stage1_cfg.seed + FRESH_SEED_OFFSET + cfg.seed)

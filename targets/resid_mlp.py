@@ -129,9 +129,12 @@ def fit(model: ResidMLP, recipe: dict, gen: torch.Generator, on_step=None) -> fl
 
 def check(model: ResidMLP, gen: torch.Generator, n: int = 20_000) -> HealthReport:
     """Healthy when the trained MLP beats the monosemantic baseline."""
+    total = 0.0
     with torch.no_grad():
-        x = model.sample_inputs(n, gen)
-        mse = float(torch.nn.functional.mse_loss(model(x), labels(x)))
+        for start in range(0, n, 2048):  # chunks keep memory flat
+            x = model.sample_inputs(min(2048, n - start), gen)
+            total += float(((model(x) - labels(x)) ** 2).sum())
+    mse = total / (n * model.n_features)
     baseline = model.monosemantic_baseline_mse()
     return HealthReport(
         healthy=mse < baseline,

@@ -33,7 +33,7 @@ def grouped_id(id_store, tmp_path):
 
 
 def test_verify_passes_on_a_good_decomposition(grouped_id):
-    result = apd("verify", "--store", grouped_id, "--json", "-q")
+    result = apd("verify", "--store", grouped_id, "--method", "g", "--json", "-q")
     assert result.exit_code == 0, result.output
     ver = open_run(grouped_id).verification("g")
     assert ver["passed"]
@@ -51,7 +51,7 @@ def test_verify_catches_a_perturbed_mechanism(grouped_id):
     u = np.asarray(U[...])
     u[labels == g] *= 1.5  # one mechanism no longer adds up
     U[...] = u
-    result = apd("verify", "--store", grouped_id, "-q")
+    result = apd("verify", "--store", grouped_id, "--method", "g", "-q")
     assert result.exit_code == 1
     assert "failed: faithfulness" in result.output
 
