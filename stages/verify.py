@@ -128,7 +128,8 @@ def run_verify(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = 
             "threshold": f"each rel_error <= {cfg.faithfulness_max}",
         },
         "minimality": {
-            "passed": avg["mech_mse"] / ablated <= cfg.output_error_max,
+            "passed": (avg["mech_mse"] / ablated <= cfg.output_error_max
+                       and avg["mech_mse"] <= cfg.versus_pieces_max * avg["pieces_mse"]),
             "figures": {
                 "mechanisms/output_mse": avg["mech_mse"],
                 "mechanisms/fraction_of_ablated": avg["mech_mse"] / ablated,
@@ -138,7 +139,8 @@ def run_verify(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = 
                 "pieces/mean_active": avg["pieces_active"],
                 "ablated/output_mse": avg["ablated_mse"],
             },
-            "threshold": f"mechanisms' fraction_of_ablated <= {cfg.output_error_max}",
+            "threshold": (f"mechanisms' fraction_of_ablated <= {cfg.output_error_max} and "
+                          f"<= {cfg.versus_pieces_max} x the pieces'"),
         },
         "simplicity": {
             "passed": dl <= dl_pieces,
