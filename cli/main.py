@@ -39,6 +39,17 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True)
 console = Console()
+VERBOSE = {"on": False}  # set by the -v option on the app, read when a reporter is made
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="log details (target health, "
+                                          "resume points, training metrics) besides the progress bars")) -> None:
+    VERBOSE["on"] = verbose
+
+
+def reporter(quiet: bool) -> RichReporter:
+    return RichReporter(enabled=not quiet, verbose=VERBOSE["on"])
 
 
 def _fail(message: str) -> None:
@@ -96,8 +107,8 @@ def stage1(
     with user_errors(path):
         get_target(model)
         cfg = resolve_stage1(model, config, steps=steps, seed=seed, device=device, compile=compile)
-        with RichReporter(enabled=not quiet and not as_json) as reporter:
-            scores = run_stage1(path, model, cfg, force=force, target_file=target_file, reporter=reporter)
+        with reporter(quiet or as_json) as rep:
+            scores = run_stage1(path, model, cfg, force=force, target_file=target_file, reporter=rep)
     if as_json:
         print(json.dumps(scores, indent=2))
     else:
@@ -141,8 +152,8 @@ def group(
         cfg = resolve_group(config, method=method, n_groups=n_groups, alpha=alpha, threshold=threshold,
                             resolution=resolution, samples=samples, name=name)
         client = _dask_client(scheduler)
-        with RichReporter(enabled=not quiet and not as_json) as reporter:
-            summary = run_group(path, cfg, force=force, reporter=reporter)
+        with reporter(quiet or as_json) as rep:
+            summary = run_group(path, cfg, force=force, reporter=rep)
         if client is not None:
             client.close()
     if as_json:
@@ -179,8 +190,8 @@ def verify(
     path = _find_store(store, model)
     with user_errors(path):
         cfg = resolve_verify(config, grouping=method, samples=samples)
-        with RichReporter(enabled=not quiet and not as_json) as reporter:
-            result = run_verify(path, cfg, reporter=reporter)
+        with reporter(quiet or as_json) as rep:
+            result = run_verify(path, cfg, reporter=rep)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -239,8 +250,8 @@ def run_all(
         s1 = resolve_stage1(model, config, seed=seed)
         grp = resolve_group(None, method=method)
         ver = resolve_verify(None)
-        with RichReporter(enabled=not quiet and not as_json) as reporter:
-            result = run_pipeline(path, model, s1, grp, ver, reporter)
+        with reporter(quiet or as_json) as rep:
+            result = run_pipeline(path, model, s1, grp, ver, rep)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

@@ -7,9 +7,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RichReporter:
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, verbose: bool = False):
         self.console = Console(stderr=True)
         self.enabled = enabled
+        self.verbose = verbose
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -25,7 +26,8 @@ class RichReporter:
         self.progress.stop()
 
     def message(self, text: str) -> None:
-        if self.enabled:
+        """Details: shown with -v only."""
+        if self.enabled and self.verbose:
             self.progress.console.print(text, highlight=False)
 
     def start(self, task: str, total: int, done: int = 0) -> None:
@@ -33,6 +35,8 @@ class RichReporter:
 
     def advance(self, task: str, done: int, info: str = "") -> None:
         self.progress.update(self.tasks[task], completed=done, info=info)
+        if self.verbose and info:
+            self.progress.console.print(f"{task} {done}: {info}", highlight=False)
 
     def finish(self, task: str) -> None:
         self.progress.update(self.tasks[task], completed=self.progress.tasks[self.tasks[task]].total)
