@@ -168,14 +168,14 @@ def step_figures(name: str, steps: int, cfg_overrides: dict | None = None, arch_
     return out
 
 
-def solution_figures(name: str) -> dict:
+def solution_figures(name: str, overrides: dict | None = None) -> dict:
     """Steps and seconds of stage 1 (after target training) until the stage-1
     recovery criteria hold, checked every log_every steps."""
     spec = get_target(name)
     model, _ = train_target(spec, 0, SilentReporter())
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = resolve_stage1(name)
+    cfg = resolve_stage1(name, **(overrides or {}))
     sample = lambda b, g: spec.sample(model, b, g)  # noqa: E731
     checking = {"s": 0.0}
 
@@ -265,9 +265,10 @@ def main() -> None:
     if "solution" in sections and not args.quick:
         print("\n== time to solution (stage 1 from a trained target; criteria of the stage-1 issue)")
         for n in ["tms_5-2", "tms_40-10", "resid_mlp"]:
-            r = in_subprocess("solution", name=n)
-            print(f"  {n:10s} solved {r['solved']} after {r['steps']} of {r['of_steps']} steps, "
-                  f"{r['seconds']:.1f}s, peak RSS {r['peak_rss_mib']:.0f} MiB")
+            for label, overrides in (("default", {}), ("random init (before)", {"init": "random"})):
+                r = in_subprocess("solution", name=n, overrides=overrides)
+                print(f"  {n:10s} {label:21s} solved {r['solved']} after {r['steps']} of {r['of_steps']} steps, "
+                      f"{r['seconds']:.1f}s, peak RSS {r['peak_rss_mib']:.0f} MiB")
     if "scaling" in sections:
         print("\n== resid_mlp scaling (fresh process each)")
         base_c = 8 if args.quick else 130
