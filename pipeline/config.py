@@ -26,8 +26,6 @@ class Stage1Config(BaseModel):
     warm_start_steps: int = Field(200, ge=0, description="faithfulness-only steps before the full objective")
     init: Literal["random", "data"] = Field(
         "data", description="data: V from diverse input activations on sampled data (k-means++); random: random unit V")
-    topk_start: float = Field(1.0, ge=1, description="top-k starts at topk_start * topk and decays linearly to topk")
-    topk_anneal: float = Field(0.0, ge=0, le=1, description="fraction of the main phase over which top-k decays")
     batch_size: int = Field(1024, gt=0)
     lr: float = Field(1e-3, gt=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"

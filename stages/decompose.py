@@ -72,7 +72,8 @@ def unit_rows(V: Tensor) -> Tensor:
 
 
 def new_state(model: TargetModel, cfg: Stage1Config, device: torch.device,
-              sample: Callable[[int, torch.Generator], Tensor] | None = None) -> DecompositionState:
+              sample: Callable[[int, torch.Generator], Tensor]) -> DecompositionState:
+    """Fresh pieces and optimizer; ``sample`` draws inputs for the data-driven init."""
     init_gen = torch.Generator().manual_seed(cfg.seed + 1)
     U, V = {}, {}
     acts: dict[str, Tensor] = {}
@@ -127,13 +128,6 @@ def init_factors_from_data(weight: Tensor, acts: Tensor, n_pieces: int, gen: tor
     return U, V
 
 
-def topk_scale_at(cfg: Stage1Config, step: int) -> float:
-    progress = max(0, step - cfg.warm_start_steps) / max(1, cfg.steps)
-    if cfg.topk_anneal <= 0 or progress >= cfg.topk_anneal:
-        return 1.0
-    return cfg.topk_start + (1.0 - cfg.topk_start) * progress / cfg.topk_anneal
-
-
 def total_steps(cfg: Stage1Config) -> int:
     return cfg.warm_start_steps + cfg.steps
 
@@ -160,19 +154,19 @@ def faithfulness_loss(weights: Mapping[str, Tensor], U: Mapping[str, Tensor], V:
     return sum(((weights[n] - U[n].T @ V[n]) ** 2).sum() for n in weights) / n_weights
 
 
-def topk_masks(scores: Mapping[str, Tensor], cfg: Stage1Config, scale: float = 1.0) -> dict[str, Tensor]:
-    return {n: batch_topk_mask(s, scale * float(cfg.per_matrix("topk", n))) for n, s in scores.items()}
+def topk_masks(scores: Mapping[str, Tensor], cfg: Stage1Config) -> dict[str, Tensor]:
+    return {n: batch_topk_mask(s, float(cfg.per_matrix("topk", n))) for n, s in scores.items()}
 
 
 def objective(model: TargetModel, x: Tensor, weights: Mapping[str, Tensor], U: Mapping[str, Tensor],
               V: Mapping[str, Tensor], cfg: Stage1Config, simplicity_weight: float,
-              topk_scale: float = 1.0, timer: Callable[[str], ContextManager] = no_timer) -> dict[str, Tensor]:
+              timer: Callable[[str], ContextManager] = no_timer) -> dict[str, Tensor]:
     """All loss terms for one batch (the full APD objective)."""
     n_weights = sum(w.numel() for w in weights.values())
     faith = faithfulness_loss(weights, U, V)
     scores, target = attributions(model, x, {n: (U[n].detach(), V[n].detach()) for n in U}, timer)
     with timer("top-k forward"):
-        masks = topk_masks(scores, cfg, topk_scale)
+        masks = topk_masks(scores, cfg)
         fwd = model.run(x, {n: MaskedPiecesOp(U[n], V[n], masks[n].to(x.dtype)) for n in U})
     minimality = torch.nn.functional.mse_loss(fwd.output, target.output)
     hidden = sum(
@@ -216,8 +210,7 @@ def train(
             losses["total"] = losses["faithfulness"] = faith
         else:
             x = sample(cfg.batch_size, state.data_gen).to(device)
-            losses = loss_fn(model, x, weights, state.U, V, cfg, simplicity_weight_at(cfg, step),
-                             topk_scale_at(cfg, step))
+            losses = loss_fn(model, x, weights, state.U, V, cfg, simplicity_weight_at(cfg, step))
         state.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         state.optimizer.step()
