@@ -80,7 +80,8 @@ def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool
     n_use = cfg.samples or n_stored
     reporter.message(f"co-activation over {n_use} inputs x {index.total} pieces")
     stored_rows = min(n_use, n_stored)
-    stats = coactivation_dask(masks[:stored_rows], scores[:stored_rows], scheduler=scheduler)
+    stored_stats = coactivation_dask(masks[:stored_rows], scores[:stored_rows], scheduler=scheduler)
+    stats = stored_stats
     if n_use > n_stored:
         stats = stats.merge(_extra_stats(run, index, n_use - n_stored, stage1_cfg, cfg.chunk, reporter))
 
@@ -139,6 +140,7 @@ def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool
         "description_length_per_input": dl / stored_rows,
         "ranks": {n: ranks[:, j].tolist() for j, n in enumerate(index.names)},
         "activity": activity.tolist(),
+        "piece_counts": {n: c.tolist() for n, c in index.split(stored_stats.counts).items()},
         "mean_active_mechanisms": float(activity.sum() / stored_rows),
         "group_rank_histogram": {str(r): int(c) for r, c in zip(*np.unique(ranks.sum(1), return_counts=True))},
         "candidates": {m: d for d, m, *_ in results},

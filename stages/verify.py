@@ -113,11 +113,11 @@ def run_verify(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = 
     ranks = mechanism_ranks(flat_labels, index, np_factors, n_groups, group_cfg.rank_rtol)
     activity = np.asarray(info["activity"])
     dl = description_length(activity, ranks.sum(1), group_cfg.alpha)
-    masks = run.masks()
-    piece_counts = np.concatenate([np.asarray(masks[p][...]).sum(0) for p in index.names])
+    # description lengths are on stage 1's stored inputs, where stage 2 counted activity
+    piece_counts = np.concatenate([np.asarray(info["piece_counts"][p]) for p in index.names])
     alive_counts = piece_counts[flat_labels >= 0]
     dl_pieces = description_length(alive_counts, np.ones_like(alive_counts), group_cfg.alpha)
-    n_eval = masks[index.names[0]].shape[0]
+    n_eval = run.masks()[index.names[0]].shape[0]
 
     ablated = max(avg["ablated_mse"], 1e-30)
     checks = {
