@@ -92,6 +92,13 @@ def check_writable(path: Path, model: str) -> None:
             raise StoreError(f"cannot create {path}: {parent} is not writable")
 
 
+def _set_attrs(group: zarr.Group, values: Mapping[str, Any]) -> None:
+    """Merge ``values`` into a node's attributes in one atomic write. (zarr's
+    ``attrs.update`` writes once per key: a kill between two keys could leave
+    a stage marked done without its results.)"""
+    group.attrs.put({**group.attrs.asdict(), **values})
+
+
 def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
@@ -115,7 +122,7 @@ class RunStore:
 
     def set_stage(self, stage: str, status: str, **attrs: Any) -> None:
         group = self.root.require_group(stage)
-        group.attrs.update({STAGE_STATUS_ATTR: status, **attrs})
+        _set_attrs(group, {STAGE_STATUS_ATTR: status, **attrs})
 
     def stage_attrs(self, stage: str) -> dict[str, Any]:
         return dict(self.root[stage].attrs) if stage in self.root else {}
@@ -140,16 +147,16 @@ class RunStore:
     def write_grouping(self, name: str, labels: Mapping[str, np.ndarray], **attrs: Any) -> None:
         """Labels first, status last: a grouping is only 'done' once whole."""
         group = self.root.require_group(grouping_path(name))
-        group.attrs.update({STAGE_STATUS_ATTR: "running"})
+        _set_attrs(group, {STAGE_STATUS_ATTR: "running"})
         lab = group.require_group(GROUPING_LABELS)
         for param, values in labels.items():
             lab.create_array(param, data=np.asarray(values, dtype=np.int32), overwrite=True)
-        group.attrs.update({STAGE_STATUS_ATTR: "done", **attrs})
+        _set_attrs(group, {STAGE_STATUS_ATTR: "done", **attrs})
 
     # -- stage 3 ------------------------------------------------------------
     def write_verify(self, grouping: str, result: Mapping[str, Any]) -> None:
         group = self.root.require_group(f"{VERIFY}/{grouping}")
-        group.attrs.update({STAGE_STATUS_ATTR: "done", **result})
+        _set_attrs(group, {STAGE_STATUS_ATTR: "done", **result})
 
     # -- checkpoints --------------------------------------------------------
     def checkpoint_path(self, stage: str) -> Path:
