@@ -22,11 +22,8 @@ def store_status(path: Path) -> list[tuple[str, str, str]]:
             detail = ", ".join(f"{k} {scores[k]:.4g}" for k in keys)
         elif stage == STAGE1 and status in ("running", "failed"):
             detail = attrs.get("message", "")
-            ckpt = path / "checkpoints" / "stage1.pt"
-            if ckpt.exists():
-                import torch
-
-                step = torch.load(ckpt, weights_only=False)["state"]["step"]
+            step = run.checkpoint_step(STAGE1)
+            if step is not None:
                 detail = (detail + f" checkpoint at step {step}").strip()
         rows.append((stage, status, detail))
     for name in run.groupings():

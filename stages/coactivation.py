@@ -69,17 +69,6 @@ class CoactivationStats:
                                  self.co + other.co, self.weighted + other.weighted)
 
 
-def side_by_side(arrays: Mapping[str, object], index: PieceIndex) -> da.Array:
-    """Concatenate per-matrix (n, C_l) arrays (zarr or numpy) into one lazy
-    (n, P) dask array, keeping the stored chunking along samples."""
-    parts = []
-    for n in index.names:
-        arr = arrays[n]
-        chunks = getattr(arr, "chunks", None) or (min(arr.shape[0], 4096), arr.shape[1])
-        parts.append(da.from_array(arr, chunks=(chunks[0], arr.shape[1])))
-    return da.concatenate(parts, axis=1)
-
-
 def _block_stats(m: np.ndarray, s: np.ndarray) -> np.ndarray:
     """(1, 3, P, P) partial sums of one row chunk: counts on the diagonal of
     the first, co-activation, weighted co-activation. The 0/1 products run

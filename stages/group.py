@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 import torch
 
@@ -18,16 +17,10 @@ from stages.grouping import METHODS, GroupingError, GroupingInput, GroupingSetti
 from stages.ground_truth import partition_scores, truth_labels
 from stages.mechanisms import description_length, mechanism_ranks, numerical_rank, relabel
 from stages.progress import Reporter, SilentReporter
-from stores.run import STAGE1, STAGE1_EVAL_MASKS, STAGE1_EVAL_SCORES, Run, RunStore, grouping_path
+from stores.run import STAGE1, Run, RunStore
 from targets.registry import get_target
 
 EXTRA_SAMPLES_SEED_OFFSET = 11  # new inputs for --samples come from their own stream
-
-
-def _stage1_arrays(path: Path, index: PieceIndex) -> tuple[da.Array, da.Array]:
-    masks = da.concatenate([da.from_zarr(str(path), component=f"{STAGE1_EVAL_MASKS}/{n}") for n in index.names], axis=1)
-    scores = da.concatenate([da.from_zarr(str(path), component=f"{STAGE1_EVAL_SCORES}/{n}") for n in index.names], axis=1)
-    return masks, scores
 
 
 def _extra_stats(run: Run, index: PieceIndex, n_extra: int, stage1_cfg: Stage1Config, chunk: int,
@@ -74,7 +67,7 @@ def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool
     factors_t = run.subcomponents()
     factors = {n: (U.numpy(), V.numpy()) for n, (U, V) in factors_t.items()}
     index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in factors.items()})
-    masks, scores = _stage1_arrays(run.path, index)
+    masks, scores = run.eval_dask(list(index.names))
     n_stored = masks.shape[0]
 
     n_use = cfg.samples or n_stored

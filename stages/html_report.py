@@ -18,9 +18,8 @@ import torch  # noqa: E402
 
 from pipeline.config import Stage1Config  # noqa: E402
 from stages.attributions import mechanism_attributions  # noqa: E402
-from stages.coactivation import PieceIndex, coactivation_dask  # noqa: E402
+from stages.coactivation import CoactivationStats, PieceIndex, coactivation_dask  # noqa: E402
 from stages.errors import StageError  # noqa: E402
-from stages.group import _stage1_arrays  # noqa: E402
 from stages.grouping import affinity  # noqa: E402
 from stages.mechanisms import membership_matrices  # noqa: E402
 from stages.pieces import MaskedPiecesOp  # noqa: E402
@@ -121,12 +120,10 @@ def resid_feature_map(run: Run, labels: dict[str, np.ndarray], n_groups: int) ->
 def coactivation_graph(run: Run, labels: dict[str, np.ndarray]) -> str:
     factors = run.subcomponents()
     index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in factors.items()})
-    masks, scores = _stage1_arrays(run.path, index)
+    masks, scores = run.eval_dask(list(index.names))
     stats = coactivation_dask(masks, scores)
     flat = np.concatenate([labels[n] for n in index.names])
     alive = np.flatnonzero(flat >= 0)
-    from stages.coactivation import CoactivationStats
-
     sub = CoactivationStats(stats.n_samples, stats.counts[alive], stats.co[np.ix_(alive, alive)],
                             stats.weighted[np.ix_(alive, alive)])
     A = affinity(sub)

@@ -92,6 +92,10 @@ def check_writable(path: Path, model: str) -> None:
             raise StoreError(f"cannot create {path}: {parent} is not writable")
 
 
+def checkpoint_file(run_path: Path, stage: str) -> Path:
+    return Path(run_path) / CHECKPOINTS / f"{stage}.pt"
+
+
 def _set_attrs(group: zarr.Group, values: Mapping[str, Any]) -> None:
     """Merge ``values`` into a node's attributes in one atomic write. (zarr's
     ``attrs.update`` writes once per key: a kill between two keys could leave
@@ -160,7 +164,7 @@ class RunStore:
 
     # -- checkpoints --------------------------------------------------------
     def checkpoint_path(self, stage: str) -> Path:
-        return self.path / CHECKPOINTS / f"{stage}.pt"
+        return checkpoint_file(self.path, stage)
 
     def save_checkpoint(self, stage: str, payload: dict) -> None:
         """Atomic: a reader sees the old checkpoint or the new one, never half."""
@@ -307,6 +311,22 @@ class Run:
         """The last ``apd verify`` result for a grouping, or None."""
         path = f"{VERIFY}/{grouping}"
         return dict(self.root[path].attrs) if path in self.root else None
+
+    def eval_dask(self, names: list[str]):
+        """Stage 1's evaluation masks and scores of the named parameters, side
+        by side as lazy (n_eval, sum of C) dask arrays, chunked as stored."""
+        import dask.array as da
+
+        self._require(STAGE1)
+
+        def side_by_side(node: str):
+            return da.concatenate([da.from_zarr(str(self.path), component=f"{node}/{n}") for n in names], axis=1)
+        return side_by_side(STAGE1_EVAL_MASKS), side_by_side(STAGE1_EVAL_SCORES)
+
+    def checkpoint_step(self, stage: str) -> int | None:
+        """The step of a stage's last checkpoint, or None when it has none."""
+        path = checkpoint_file(self.path, stage)
+        return int(torch.load(path, weights_only=False)["state"]["step"]) if path.exists() else None
 
     def masks(self) -> dict[str, zarr.Array]:
         """{parameter name: (n_eval, C) bool zarr array}: the batch top-k active pieces."""
