@@ -23,7 +23,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from stages.coactivation import coactivation_dask, coactivation_numpy
+from apdkit.stages.group.coactivation import coactivation_dask, coactivation_numpy
 
 
 def peak_rss_mib() -> float:

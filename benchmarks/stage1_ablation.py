@@ -14,12 +14,11 @@ import time
 
 import torch
 
-from pipeline.config import resolve_stage1
-from stages.decompose import new_state, score_inputs, train
-from stages.scoring import stage1_scores
-from stages.target import train_target
-from stages.progress import SilentReporter
-from targets.registry import get_target
+from apdkit.stages.config import resolve_stage1
+from apdkit.stages.progress import SilentReporter
+from apdkit.stages.stage1.train import new_state, train
+from apdkit.stages.target import builtin_target, matrix_settings, train_builtin
+from apdkit.targets.registry import get_target
 
 VARIANTS = {
     "default (data init + anneal)": {},
@@ -35,21 +34,19 @@ def main() -> None:
     parser.add_argument("--model", default="tms_5-2")
     args = parser.parse_args()
     spec = get_target(args.model)
-    model, _ = train_target(spec, 0, SilentReporter())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    sample = lambda b, g: spec.sample(model, b, g)  # noqa: E731
+    module, _ = train_builtin(spec, 0, SilentReporter())
+    target = builtin_target(args.model, module=module)
+    model, sample = target.model, target.sample
     print(f"{'variant':42s} {'seed':>4s} {'mmcs':>7s} {'ml2r':>6s} {'grouped_ml2r':>12s} {'time':>6s}")
     for label, overrides in VARIANTS.items():
         rows = []
         for seed in range(args.seeds):
-            cfg = resolve_stage1(args.model, seed=seed, **overrides)
+            cfg = resolve_stage1(spec.stage1, seed=seed, **overrides)
+            n_pieces, topk = matrix_settings(target, cfg)
             start = time.perf_counter()
-            state = train(model, sample, cfg, new_state(model, cfg, torch.device("cpu"), sample))
+            state = train(model, sample, cfg, topk, new_state(model, cfg, n_pieces, torch.device("cpu"), sample))
             seconds = time.perf_counter() - start
-            x = sample(cfg.eval_samples, torch.Generator().manual_seed(seed + 3))
-            _, masks = score_inputs(model, x, state.factors(), cfg)
-            s = stage1_scores(model, spec.family, state.factors(), cfg, {n: m.sum(0) for n, m in masks.items()}, x.shape[0])
+            s = spec.scores(model, state.pieces(), topk)
             rows.append(s)
             print(f"{label:42s} {seed:4d} {s['tms/mmcs']:7.4f} {s['tms/ml2r']:6.3f} {s['tms/grouped_ml2r']:12.3f} {seconds:5.1f}s")
         ok = sum(r["tms/mmcs"] >= 0.99 for r in rows)

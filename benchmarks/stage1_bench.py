@@ -36,13 +36,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.config import resolve_stage1
-from stages.attributions import attributions, reference_attributions
-from stages.decompose import new_state, objective, simplicity_weight_at, train, unit_rows
-from stages.progress import SilentReporter
-from stages.scoring import dedicated_pieces, faithfulness_errors, one_hot_probe, tms_feature_recovery
-from stages.target import train_target
-from targets.registry import TARGETS, get_target
+from apdkit.core.attributions import attributions, reference_attributions
+from apdkit.core.pieces import pieces_sum, unit_rows
+from apdkit.stages.config import resolve_stage1
+from apdkit.stages.progress import SilentReporter
+from apdkit.stages.stage1.objective import objective
+from apdkit.stages.stage1.train import coefficients, new_state, simplicity_weight_at, train
+from apdkit.stages.target import builtin_target, matrix_settings, train_builtin
+from apdkit.targets.probes import dedicated_pieces, one_hot_probe
+from apdkit.targets.registry import TARGETS, get_target
+from apdkit.targets.tms.scoring import feature_recovery
 
 aten = torch.ops.aten
 MATMUL_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default}
@@ -100,24 +103,15 @@ def replay_seconds(calls: list[tuple], repeats: int) -> float:
     return statistics.median(times[2:])
 
 
-def build(name: str, arch_overrides: dict | None = None):
-    spec = get_target(name)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = spec.build(**{**spec.arch, **(arch_overrides or {})})
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return spec, model
-
-
 def step_figures(name: str, steps: int, cfg_overrides: dict | None = None, arch_overrides: dict | None = None,
                  reference: bool = True) -> dict:
     """One target's step: phase times, FLOPs, bare matmul cost, attributions."""
-    spec, model = build(name, arch_overrides)
-    cfg = resolve_stage1(name, **(cfg_overrides or {}))
-    sample = lambda b, g: spec.sample(model, b, g)  # noqa: E731
-    state = new_state(model, cfg, torch.device("cpu"), sample)
-    weights = {n: w.detach() for n, w in model.decomposed_weights().items()}
+    target = builtin_target(name, arch_overrides)
+    model, sample = target.model, target.sample
+    cfg = resolve_stage1(get_target(name).stage1, **(cfg_overrides or {}))
+    n_pieces, topk = matrix_settings(target, cfg)
+    state = new_state(model, cfg, n_pieces, torch.device("cpu"), sample)
+    weights = model.weights()
     gen = torch.Generator().manual_seed(0)
     step_no = cfg.warm_start_steps + 1
     loss_fn = torch.compile(objective) if cfg.compile else objective
@@ -125,7 +119,8 @@ def step_figures(name: str, steps: int, cfg_overrides: dict | None = None, arch_
     def one_step(timer):
         x = sample(cfg.batch_size, gen)
         V = {n: unit_rows(v) for n, v in state.V_raw.items()}
-        losses = loss_fn(model, x, weights, state.U, V, cfg, simplicity_weight_at(cfg, step_no), timer=timer)
+        losses = loss_fn(model, x, weights, state.U, V, topk, coefficients(cfg), cfg.schatten_p,
+                         simplicity_weight_at(cfg, step_no), timer=timer)
         with timer("backward"):
             state.optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
@@ -140,7 +135,7 @@ def step_figures(name: str, steps: int, cfg_overrides: dict | None = None, arch_
         t = time.perf_counter()
         one_step(watch)
         totals.append(time.perf_counter() - t)
-    out = {"target": name, "C": cfg.per_matrix("n_pieces", model.decomposed[0]), "batch": cfg.batch_size,
+    out = {"target": name, "C": next(iter(n_pieces.values())), "batch": cfg.batch_size,
            "step_ms": 1e3 * statistics.median(totals),
            "phases_ms": {k: 1e3 * statistics.median(v) for k, v in watch.times.items()}}
     if not cfg.compile:
@@ -154,7 +149,7 @@ def step_figures(name: str, steps: int, cfg_overrides: dict | None = None, arch_
         out["matmul_calls"] = len(recorder.calls)
     if reference:
         x = sample(cfg.batch_size, gen)
-        factors = state.factors()
+        factors = state.pieces()
         for _ in range(2):
             t = time.perf_counter()
             fast, _ = attributions(model, x, factors)
@@ -172,21 +167,21 @@ def solution_figures(name: str, overrides: dict | None = None) -> dict:
     """Steps and seconds of stage 1 (after target training) until the stage-1
     recovery criteria hold, checked every log_every steps."""
     spec = get_target(name)
-    model, _ = train_target(spec, 0, SilentReporter())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    cfg = resolve_stage1(name, **(overrides or {}))
-    sample = lambda b, g: spec.sample(model, b, g)  # noqa: E731
+    module, _ = train_builtin(spec, 0, SilentReporter())
+    target = builtin_target(name, module=module)
+    model, sample = target.model, target.sample
+    cfg = resolve_stage1(spec.stage1, **(overrides or {}))
+    n_pieces, topk = matrix_settings(target, cfg)
     checking = {"s": 0.0}
 
     def solved(state) -> bool:
         t = time.perf_counter()
-        f = state.factors()
-        faith_ok = all(e <= 1e-2 for e in faithfulness_errors(model, f).values())
-        if spec.family == "tms":
-            ok = tms_feature_recovery(model.W, *f["W"])["mmcs"] >= 0.99
+        f = state.pieces()
+        faith_ok = all(float((w - pieces_sum(*f[n])).norm() / w.norm()) <= 1e-2 for n, w in model.weights().items())
+        if name.startswith("tms"):
+            ok = feature_recovery(module.W.weight, *f["W"])["mmcs"] >= 0.99
         else:
-            scores, masks, _ = one_hot_probe(model, f, cfg)
+            scores, masks, _ = one_hot_probe(model, module.n_features, f, topk)
             n_in = [k for k in f if k.endswith("W_in")]
             ok = faith_ok and all(int(dedicated_pieces(scores[k], masks[k]).sum()) >= 95 for k in n_in)
         checking["s"] += time.perf_counter() - t
@@ -196,14 +191,14 @@ def solution_figures(name: str, overrides: dict | None = None) -> dict:
         pass
 
     start = time.perf_counter()
-    state = new_state(model, cfg, torch.device("cpu"), sample)
+    state = new_state(model, cfg, n_pieces, torch.device("cpu"), sample)
 
     def on_log(row):
         if solved(state):
             raise Solved
 
     try:
-        train(model, sample, cfg, state, on_log=on_log)
+        train(model, sample, cfg, topk, state, on_log=on_log)
         reached = False
     except Solved:
         reached = True

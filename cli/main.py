@@ -7,6 +7,7 @@ becomes one line on stderr and exit code 2; nothing else is done here.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -15,13 +16,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.progress import RichReporter
-from pipeline.config import ConfigError
-from stages.errors import StageError
-from stores.run import StoreError
-from targets.registry import TARGETS, UnknownTarget
+from rich.text import Text
 
-EXPECTED_ERRORS = (ConfigError, StageError, StoreError, UnknownTarget)
+from apdkit.cli.progress import RichReporter
+from apdkit.core.model import TargetError
+from apdkit.stages.config import ConfigError
+from apdkit.stages.errors import StageError
+from apdkit.stores.run import StoreError
+from apdkit.targets.registry import TARGETS, UnknownTarget
+
+EXPECTED_ERRORS = (ConfigError, StageError, StoreError, UnknownTarget, TargetError)
 
 app = typer.Typer(
     name="apd",
@@ -31,7 +35,8 @@ app = typer.Typer(
         "`apd stage1 --model tms_5-2` trains the target (cached in the store) and learns rank-1 "
         "subcomponents of its weights; `apd group --model tms_5-2` groups them into mechanisms; "
         "`apd verify --model tms_5-2` re-checks the mechanisms; `apd status runs/tms_5-2.zarr` shows what a store holds. "
-        f"Built-in targets: {', '.join(TARGETS)}."
+        f"Built-in targets: {', '.join(TARGETS)}. Your own model: --model mypkg.models:build --data mypkg.data:sample "
+        "--modules 'blocks.*.mlp.*' (or hf:NAME, or a target YAML)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -53,7 +58,8 @@ def reporter(quiet: bool) -> RichReporter:
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # user text is printed as plain text: no markup is interpreted in it
+    err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -72,7 +78,19 @@ def user_errors(path: Path):
 
 
 def default_store(model: str) -> Path:
-    return Path("runs") / f"{model}.zarr"
+    """runs/<model>.zarr, the model name made a plain file name."""
+    stem = Path(model).stem if model.endswith((".yaml", ".yml")) else model
+    return Path("runs") / (re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") + ".zarr")
+
+
+MODEL_HELP = ("built-in target name, your model factory as module:function, hf:NAME_OR_PATH, "
+              "or a target YAML (model, kwargs, data, modules, output, hidden, insert_identity)")
+
+
+def target_ref(model: str, data, modules, output, insert_identity, hidden):
+    from apdkit.targets.load import resolve_ref
+
+    return resolve_ref(model, tuple(modules or ()), output, tuple(hidden or ()), tuple(insert_identity or ()), data)
 
 
 def _print_scores(title: str, scores: dict[str, float]) -> None:
@@ -86,29 +104,37 @@ def _print_scores(title: str, scores: dict[str, float]) -> None:
 
 @app.command()
 def stage1(
-    model: str = typer.Option(..., "--model", "-m", help="built-in target name"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    data: Optional[str] = typer.Option(None, help="your model's inputs: module:callable sample(n, generator), "
+                                       "module:iterable of batches, or a .pt/.npy file"),
+    modules: Optional[list[str]] = typer.Option(None, "--modules", help="glob over module names of the layers to "
+                                                "decompose (repeat for several)"),
+    output: Optional[str] = typer.Option(None, help="which output to attribute, e.g. logits"),
+    insert_identity: Optional[list[str]] = typer.Option(None, "--insert-identity", help="put a frozen identity "
+                                                        "in front of the matched layers and decompose it too"),
+    hidden: Optional[list[str]] = typer.Option(None, "--hidden", help="modules whose outputs the minimality "
+                                               "loss also matches"),
     store: Optional[Path] = typer.Option(None, help="run directory (default runs/<model>.zarr)"),
     config: Optional[Path] = typer.Option(None, help="YAML file of stage-1 settings"),
     steps: Optional[int] = typer.Option(None, help="training steps (after the warm start)"),
     seed: Optional[int] = typer.Option(None, help="seed for target training, data and init"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    target_file: Optional[Path] = typer.Option(None, help="a state_dict of the built-in architecture to decompose instead of training one"),
+    target_file: Optional[Path] = typer.Option(None, help="a state_dict of a built-in architecture to decompose instead of training one"),
     force: bool = typer.Option(False, help="rerun a finished stage from scratch"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training objective"),
     as_json: bool = typer.Option(False, "--json", help="print the scores as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """Learn rank-1 subcomponents of every decomposed matrix (APD objective)."""
-    from pipeline.config import resolve_stage1
-    from stages.stage1 import run_stage1
-    from targets.registry import get_target
+    """Learn rank-1 pieces of every decomposed matrix (APD objective)."""
+    from apdkit.pipeline.api import stage1_config
+    from apdkit.stages.stage1.stage import run_stage1
 
     path = store or default_store(model)
     with user_errors(path):
-        get_target(model)
-        cfg = resolve_stage1(model, config, steps=steps, seed=seed, device=device, compile=compile)
+        ref = target_ref(model, data, modules, output, insert_identity, hidden)
+        cfg = stage1_config(ref, config, steps=steps, seed=seed, device=device, compile=compile)
         with reporter(quiet or as_json) as rep:
-            scores = run_stage1(path, model, cfg, force=force, target_file=target_file, reporter=rep)
+            scores = run_stage1(path, ref, cfg, force=force, target_file=target_file, reporter=rep)
     if as_json:
         print(json.dumps(scores, indent=2))
     else:
@@ -128,7 +154,7 @@ def _find_store(store: Optional[Path], model: Optional[str]) -> Path:
 
 @app.command()
 def group(
-    method: str = typer.Option("spectral", help="spectral | louvain | leiden | mdl | threshold | auto (lowest description length)"),
+    method: Optional[str] = typer.Option(None, help="spectral (default) | louvain | leiden | mdl | threshold | auto (lowest description length)"),
     store: Optional[Path] = typer.Option(None, help="run directory (default: runs/<model>.zarr, or the only store in runs/)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="find the store as runs/<model>.zarr"),
     n_groups: Optional[int] = typer.Option(None, help="spectral: number of groups (default: automatic)"),
@@ -144,8 +170,8 @@ def group(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
 ) -> None:
     """Group co-activating rank-1 pieces into higher-rank mechanisms."""
-    from pipeline.config import resolve_group
-    from stages.group import run_group
+    from apdkit.stages.config import resolve_group
+    from apdkit.stages.group.stage import run_group
 
     path = _find_store(store, model)
     with user_errors(path):
@@ -184,8 +210,8 @@ def verify(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
 ) -> None:
     """Re-check a grouping: faithfulness, minimality, simplicity. Exit 0 when every check passes, 1 otherwise."""
-    from pipeline.config import resolve_verify
-    from stages.verify import run_verify
+    from apdkit.stages.config import resolve_verify
+    from apdkit.stages.verify.stage import run_verify
 
     path = _find_store(store, model)
     with user_errors(path):
@@ -230,28 +256,34 @@ def _dask_client(address: Optional[str]):
 
 @app.command("run")
 def run_all(
-    model: str = typer.Option(..., "--model", "-m", help="built-in target name"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    data: Optional[str] = typer.Option(None, help="your model's inputs (as for stage1)"),
+    modules: Optional[list[str]] = typer.Option(None, "--modules", help="glob over module names of the layers to decompose"),
+    output: Optional[str] = typer.Option(None, help="which output to attribute, e.g. logits"),
+    insert_identity: Optional[list[str]] = typer.Option(None, "--insert-identity", help="identity insertion sanity check"),
+    hidden: Optional[list[str]] = typer.Option(None, "--hidden", help="modules whose outputs minimality also matches"),
     store: Optional[Path] = typer.Option(None, help="run directory (default runs/<model>.zarr)"),
     config: Optional[Path] = typer.Option(None, help="YAML file of stage-1 settings"),
-    method: str = typer.Option("spectral", help="grouping method"),
+    method: Optional[str] = typer.Option(None, help="grouping method (default spectral)"),
+    steps: Optional[int] = typer.Option(None, help="stage-1 training steps (after the warm start)"),
     seed: Optional[int] = typer.Option(None, help="seed for target training, data and init"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="print the verify result as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """The whole pipeline: target, stage 1, grouping, verify. Rerun to resume; finished stages are skipped."""
-    from pipeline.config import resolve_group, resolve_stage1, resolve_verify
-    from pipeline.run import run_pipeline
+    from apdkit.pipeline.api import stage1_config
+    from apdkit.pipeline.run import run_pipeline
+    from apdkit.stages.config import resolve_group, resolve_verify
 
     path = store or default_store(model)
     with user_errors(path):
-        from targets.registry import get_target
-
-        get_target(model)
-        s1 = resolve_stage1(model, config, seed=seed)
+        ref = target_ref(model, data, modules, output, insert_identity, hidden)
+        s1 = stage1_config(ref, config, seed=seed, steps=steps, device=device)
         grp = resolve_group(None, method=method)
         ver = resolve_verify(None)
         with reporter(quiet or as_json) as rep:
-            result = run_pipeline(path, model, s1, grp, ver, rep)
+            result = run_pipeline(path, ref, s1, grp, ver, rep)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -266,7 +298,7 @@ def report(
     method: Optional[str] = typer.Option(None, "--method", help="grouping to show (default: the first)"),
 ) -> None:
     """Write a self-contained HTML page with figures about a run."""
-    from stages.html_report import write_report
+    from apdkit.report.html import write_report
 
     with user_errors(store):
         path = write_report(store, out or store / "report.html", method)
@@ -276,7 +308,7 @@ def report(
 @app.command()
 def status(store: Path = typer.Argument(..., help="run directory")) -> None:
     """Show what a store holds: each stage's state and key figures."""
-    from pipeline.status import store_status
+    from apdkit.pipeline.status import store_status
 
     with user_errors(store):
         rows = store_status(store)

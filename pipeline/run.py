@@ -4,24 +4,32 @@ Each stage is skipped when finished and resumes when interrupted."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import GroupConfig, Stage1Config, VerifyConfig
-from stages.group import run_group
-from stages.progress import Reporter, SilentReporter
-from stages.stage1 import run_stage1
-from stages.verify import run_verify
-from stores.run import Run
+from torch import nn
+
+from apdkit.stages.config import GroupConfig, Stage1Config, VerifyConfig
+from apdkit.stages.group.stage import run_group
+from apdkit.stages.progress import Reporter, SilentReporter
+from apdkit.stages.stage1.stage import run_stage1
+from apdkit.stages.target import load_from_store
+from apdkit.stages.verify.stage import run_verify
+from apdkit.stores.run import Run
+from apdkit.targets.load import TargetRef
 
 
-def run_pipeline(store_path: Path, model: str, stage1_cfg: Stage1Config, group_cfg: GroupConfig,
-                 verify_cfg: VerifyConfig, reporter: Reporter | None = None) -> dict:
+def run_pipeline(store_path: Path, ref: TargetRef, stage1_cfg: Stage1Config, group_cfg: GroupConfig,
+                 verify_cfg: VerifyConfig, reporter: Reporter | None = None, module: nn.Module | None = None,
+                 data: Any = None) -> dict:
     """Returns the verify result of the pipeline's grouping."""
     reporter = reporter or SilentReporter()
-    run_stage1(store_path, model, stage1_cfg, reporter=reporter)
-    run_group(store_path, group_cfg, reporter=reporter)
+    run_stage1(store_path, ref, stage1_cfg, module=module, data=data, reporter=reporter)
+    target = load_from_store(Run(store_path), module=module, data=data)
+    run_group(store_path, group_cfg, reporter=reporter, target=target)
     name = group_cfg.grouping_name
+    verify_cfg = verify_cfg.model_copy(update={"grouping": name})
     previous = Run(store_path).verification(name)
-    if previous is not None and previous.get("config") == verify_cfg.model_copy(update={"grouping": name}).model_dump():
+    if previous is not None and previous.get("config") == verify_cfg.model_dump():
         reporter.message(f"verify of {name!r} already done")
         return previous
-    return run_verify(store_path, verify_cfg.model_copy(update={"grouping": name}), reporter=reporter)
+    return run_verify(store_path, verify_cfg, reporter=reporter, target=target)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stores.run import STAGE1, STAGES, TARGET, Run
+from apdkit.stores.run import STAGE1, STAGES, TARGET, Run
 
 
 def store_status(path: Path) -> list[tuple[str, str, str]]:
@@ -15,7 +15,7 @@ def store_status(path: Path) -> list[tuple[str, str, str]]:
         attrs = run.attrs(stage)
         detail = ""
         if stage == TARGET and status == "done":
-            detail = f"{attrs['spec']['name']} ({attrs.get('source')}, seed {attrs.get('seed')})"
+            detail = f"{attrs['ref']['model']} ({attrs.get('source')}, seed {attrs.get('seed')})"
         elif stage == STAGE1 and status == "done":
             scores = attrs.get("scores", {})
             keys = [k for k in scores if k.startswith(("tms/mmcs", "tms/grouped_ml2r", "resid/dedicated", "faithfulness"))]

@@ -1,44 +1,104 @@
-"""The 'target' stage: put a healthy trained target in the store, trained
-here from the seed or loaded from a user's state_dict file."""
+"""The 'target' stage: put a healthy target in the store and load it back.
+
+A built-in toy is trained here from the seed (or read from a user's
+state_dict file); a user's model is taken as it comes. Either way its weights
+go into the store as arrays with the reference that rebuilds the module, so
+every later stage, and ``open_run(path).target()``, reads the same weights.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from stages.errors import StageError
-from stages.progress import Reporter, SilentReporter
-from stores.run import TARGET, Run, RunStore
-from targets.base import TargetModel, TargetSpec
-from targets.registry import spec_to_dict
+from apdkit.core.model import DecomposedModel
+from apdkit.stages.config import Stage1Config
+from apdkit.stages.errors import StageError
+from apdkit.stages.progress import Reporter, SilentReporter
+from apdkit.stages.seeds import target_attempt_seed
+from apdkit.stores.run import TARGET, Run, RunStore
+from apdkit.targets.load import (Sampler, TargetRef, build_module, check_data, check_weights, decomposed_model,
+                                 load_data, sampler_from)
+from apdkit.targets.spec import TargetSpec
 
 MAX_TRAINING_ATTEMPTS = 5  # TMS seeds can give dead features: retry with derived seeds
 
 
-def train_target(spec: TargetSpec, seed: int, reporter: Reporter) -> tuple[TargetModel, dict]:
+@dataclass
+class Target:
+    """A target ready for the stages: the module, its decomposed view, its data."""
+
+    ref: TargetRef
+    module: nn.Module
+    model: DecomposedModel
+    sampler: Sampler | None = None  # loaded on first use: reading a run needs no data
+
+    @property
+    def builtin(self) -> TargetSpec | None:
+        return self.ref.builtin
+
+    @property
+    def has_ground_truth(self) -> bool:
+        """A built-in toy decomposed as designed: its scores apply."""
+        spec = self.builtin
+        return spec is not None and spec.scores is not None and set(self.ref.modules) == set(spec.modules) \
+            and not self.ref.insert_identity
+
+    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        if self.sampler is None:
+            self.sampler = load_data(self.ref, self.module)
+        return self.sampler(n, gen)
+
+
+def prepare(ref: TargetRef, module: nn.Module | None = None, data: Any = None) -> Target:
+    """Build (or take) the module and its data and check them together, before
+    anything is written: patterns, layer types, weights, data shapes."""
+    module = module if module is not None else build_module(ref)
+    target = _assemble(ref, module, data)
+    if target.sampler is None:
+        target.sampler = load_data(ref, target.module)
+    if ref.builtin is None:
+        check_data(target.model, target.sampler)
+    return target
+
+
+def _assemble(ref: TargetRef, module: nn.Module, data: Any) -> Target:
+    check_weights(module)
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    model = decomposed_model(ref, module)
+    return Target(ref, module, model, sampler_from(data, "data") if data is not None else None)
+
+
+def train_builtin(spec: TargetSpec, seed: int, reporter: Reporter) -> tuple[nn.Module, dict]:
     """Deterministic: the same (spec, seed) gives the same weights, bit for bit."""
     for attempt in range(MAX_TRAINING_ATTEMPTS):
-        attempt_seed = seed + 1000 * attempt
+        attempt_seed = target_attempt_seed(seed, attempt)
         with torch.random.fork_rng():
             torch.manual_seed(attempt_seed)
-            model = spec.make()
+            module = spec.make()
         gen = torch.Generator().manual_seed(attempt_seed)
         task = f"training target {spec.name}" + (f" (attempt {attempt + 1})" if attempt else "")
         reporter.start(task, spec.train["steps"])
-        final_loss = spec.fit(model, spec.train, gen,
+        final_loss = spec.fit(module, spec.train, gen,
                               lambda step, loss: reporter.advance(task, step + 1, f"loss {loss:.2e}"))
         reporter.finish(task)
-        health = spec.check(model, torch.Generator().manual_seed(attempt_seed + 1))
+        health = spec.check(module, torch.Generator().manual_seed(attempt_seed + 1))
         reporter.message(f"target {spec.name}: {health.summary}")
         if health.healthy:
-            return model, {"seed": attempt_seed, "source": "trained", "final_loss": final_loss,
-                           "health": health.figures, "healthy": True}
+            return module, {"seed": attempt_seed, "source": "trained", "final_loss": final_loss,
+                            "health": health.figures, "healthy": True}
     raise StageError(f"target {spec.name} unhealthy after {MAX_TRAINING_ATTEMPTS} training attempts: {health.summary}")
 
 
-def load_target_file(spec: TargetSpec, path: Path) -> TargetModel:
-    model = spec.make()
+def load_state_file(spec: TargetSpec, path: Path) -> nn.Module:
+    """A user's state_dict for a built-in architecture."""
+    module = spec.make()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -48,28 +108,76 @@ def load_target_file(spec: TargetSpec, path: Path) -> TargetModel:
     if not isinstance(state, dict):
         raise StageError(f"target file {path} holds a {type(state).__name__}, not a state_dict")
     try:
-        model.load_state_dict(state)
+        module.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise StageError(f"target file {path} does not fit {spec.name}: {first}") from None
-    return model
+        lines = str(e).splitlines()
+        raise StageError(f"target file {path} does not fit {spec.name}: "
+                         f"{lines[1].strip() if len(lines) > 1 else lines[0]}") from None
+    return module
 
 
-def ensure_target(store: RunStore, spec: TargetSpec, seed: int, target_file: Path | None = None,
-                  reporter: Reporter | None = None, user_model: TargetModel | None = None) -> TargetModel:
+def ensure_target(store: RunStore, ref: TargetRef, seed: int, module: nn.Module | None = None, data: Any = None,
+                  target_file: Path | None = None, reporter: Reporter | None = None) -> Target:
     """The store's target, putting one there first if it has none: the
-    user's (``user_model``, loaded from ``target_file``) or one trained here."""
+    user's module (as given, or from ``target_file``) or a built-in trained here."""
     reporter = reporter or SilentReporter()
     if store.stage_status(TARGET) == "done":
         if target_file is not None:
             raise StageError(f"{store.path} already holds a target; use a new --store for {target_file}")
-        return Run(store.path).target()
+        return load_from_store(Run(store.path), module=module, data=data)
+    spec = ref.builtin
     if target_file is not None:
-        model = user_model if user_model is not None else load_target_file(spec, target_file)
-        health = spec.check(model, torch.Generator().manual_seed(seed))
-        reporter.message(f"target from {target_file}: {health.summary}")
-        info = {"seed": seed, "source": str(target_file), "health": health.figures, "healthy": health.healthy}
+        module = load_state_file(spec, target_file)
+        info: dict[str, Any] = {"seed": seed, "source": str(target_file)}
+    elif module is None and spec is not None:
+        module, info = train_builtin(spec, seed, reporter)
     else:
-        model, info = train_target(spec, seed, reporter)
-    store.write_target(spec_to_dict(spec), model.state_dict(), **info)
-    return model.eval()
+        info = {"seed": seed, "source": "given"}
+    target = prepare(ref, module, data)
+    if spec is not None:
+        health = spec.check(target.module, torch.Generator().manual_seed(seed))
+        info.update(health=health.figures, healthy=health.healthy)
+        reporter.message(f"target {spec.name}: {health.summary}")
+    store.write_target(ref.as_dict(), {k: v for k, v in target.module.state_dict().items()},
+                       arch=dict(spec.arch) if spec is not None else {}, **info)
+    return target
+
+
+def load_from_store(run: Run, module: nn.Module | None = None, data: Any = None) -> Target:
+    """The stored target: the module rebuilt from its reference (or the one
+    given) with the stored weights, and its data."""
+    ref = TargetRef.from_dict(run.target_ref())
+    module = module if module is not None else build_module(ref)
+    try:
+        module.load_state_dict(run.target_state())
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise StageError(f"the stored weights do not fit the module {ref.model} builds now: "
+                         f"{lines[1].strip() if len(lines) > 1 else lines[0]}") from None
+    return _assemble(ref, module, data)
+
+
+def matrix_settings(target: Target, cfg: Stage1Config) -> tuple[dict[str, int], dict[str, float]]:
+    """Pieces and top-k per matrix. An inserted identity gets one piece per
+    dimension, all active (its known answer is one full-rank mechanism)."""
+    names = target.model.names
+    fixed = {n: float(target.model.matrices[n].shape[0]) for n in target.model.identities}
+    n_pieces = {n: int(v) for n, v in cfg.per_matrix("n_pieces", names, fixed).items()}
+    return n_pieces, cfg.per_matrix("topk", names, fixed)
+
+
+def builtin_target(name: str, arch_overrides: dict | None = None, seed: int = 0,
+                   module: nn.Module | None = None) -> Target:
+    """A built-in target with fresh (untrained) weights from ``seed``, or
+    ``module`` when given: for benchmarks and tests."""
+    from apdkit.targets.load import resolve_ref
+    from apdkit.targets.registry import get_target
+
+    spec = get_target(name)
+    if module is None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            module = spec.build(**{**spec.arch, **(arch_overrides or {})})
+    target = _assemble(resolve_ref(name), module, None)
+    target.sampler = lambda n, gen: spec.sample(module, n, gen)
+    return target

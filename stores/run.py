@@ -19,25 +19,26 @@ import numpy as np
 import torch
 import zarr
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 try:
-    APD_VERSION = version("apd")
+    APD_VERSION = version("apdkit")
 except PackageNotFoundError:  # running from a source tree
     APD_VERSION = "0+source"
 
 # Every node of the store, named once.
 ROOT_ATTR = "apd"  # {"format": int, "apd_version": str, "model": str}
-TARGET = "target"  # attrs: spec, seed, health
+TARGET = "target"  # attrs: ref (how to rebuild the module), arch, seed, source, health
 TARGET_STATE = "target/state"  # one array per state_dict entry (params and buffers)
 STAGE_STATUS_ATTR = "status"  # on each stage group: absent | running | done | failed
 STAGE1 = "stage1"  # attrs: status, config, scores, message
-STAGE1_FACTORS = "stage1/factors"  # <param>/U (C, d_out), <param>/V (C, d_in)
+STAGE1_PIECES = "stage1/pieces"  # <matrix>/U (C, d_out), <matrix>/V (C, d_in)
 STAGE1_METRICS = "stage1/metrics"  # <metric> (n_logged,), one row per log_every steps
-STAGE1_EVAL_INPUTS = "stage1/eval/inputs"  # (n_eval, n_features)
-STAGE1_EVAL_SCORES = "stage1/eval/scores"  # <param> (n_eval, C) float32
-STAGE1_EVAL_MASKS = "stage1/eval/masks"  # <param> (n_eval, C) bool
+STAGE1_EVAL = "stage1/eval"
+STAGE1_EVAL_INPUTS = "stage1/eval/inputs"  # (n_eval, *input shape)
+STAGE1_EVAL_SCORES = "stage1/eval/scores"  # <matrix> (n_rows, C) float32, n_rows = n_eval x positions
+STAGE1_EVAL_MASKS = "stage1/eval/masks"  # <matrix> (n_rows, C) bool
 GROUPINGS = "groupings"  # <name>/ attrs: status, config, method, n_groups, ranks, description_length, scores
-GROUPING_LABELS = "labels"  # groupings/<name>/labels/<param> (C,) int32, -1 = dead
+GROUPING_LABELS = "labels"  # groupings/<name>/labels/<matrix> (C,) int32, -1 = dead
 VERIFY = "verify"  # <grouping>/ attrs: status, passed, checks (figures and verdicts), config
 CHECKPOINTS = "checkpoints"  # plain files, written to a temporary name then renamed
 
@@ -103,6 +104,15 @@ def _set_attrs(group: zarr.Group, values: Mapping[str, Any]) -> None:
     group.attrs.put({**group.attrs.asdict(), **values})
 
 
+def _load_checkpoint(path: Path) -> dict:
+    """Tensors and plain types only: a file that needs pickled code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise StoreError(f"{path} is not a valid apd checkpoint (refused to load it: "
+                         f"{str(e).strip().splitlines()[0][:120]})") from None
+
+
 def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
@@ -141,11 +151,11 @@ class RunStore:
         self.root = zarr.open_group(str(self.path), mode="a")
 
     # -- target -------------------------------------------------------------
-    def write_target(self, spec: Mapping[str, Any], state: Mapping[str, torch.Tensor], **attrs: Any) -> None:
+    def write_target(self, ref: Mapping[str, Any], state: Mapping[str, torch.Tensor], **attrs: Any) -> None:
         group = self.root.require_group(TARGET_STATE)
         for name, tensor in state.items():
             group.create_array(name, data=_tensor_to_numpy(tensor), overwrite=True)
-        self.set_stage(TARGET, "done", spec=dict(spec), **attrs)
+        self.set_stage(TARGET, "done", ref=dict(ref), **attrs)
 
     # -- stage 2 ------------------------------------------------------------
     def write_grouping(self, name: str, labels: Mapping[str, np.ndarray], **attrs: Any) -> None:
@@ -183,12 +193,12 @@ class RunStore:
         path = self.checkpoint_path(stage)
         if not path.exists():
             return None
-        return torch.load(path, weights_only=False)
+        return _load_checkpoint(path)
 
     # -- stage 1 ------------------------------------------------------------
-    def write_stage1_factors(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        group = self.root.require_group(STAGE1_FACTORS)
-        for name, (U, V) in factors.items():
+    def write_stage1_pieces(self, pieces: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        group = self.root.require_group(STAGE1_PIECES)
+        for name, (U, V) in pieces.items():
             sub = group.require_group(name)
             sub.create_array("U", data=_tensor_to_numpy(U).astype(np.float32), overwrite=True)
             sub.create_array("V", data=_tensor_to_numpy(V).astype(np.float32), overwrite=True)
@@ -200,17 +210,20 @@ class RunStore:
         for key in history[0]:
             group.create_array(key, data=np.array([row[key] for row in history], dtype=np.float64), overwrite=True)
 
-    def create_eval_arrays(self, n: int, n_features: int, n_pieces: Mapping[str, int], chunk: int) -> dict:
-        """Empty evaluation arrays, chunked along samples; filled by slices."""
-        inputs = self.root.require_group("stage1/eval").create_array(
-            "inputs", shape=(n, n_features), chunks=(chunk, n_features), dtype="float32", overwrite=True)
+    def create_eval_arrays(self, n: int, input_shape: tuple[int, ...], input_dtype: str, rows_per_input: int,
+                           n_pieces: Mapping[str, int], chunk: int) -> dict:
+        """Empty evaluation arrays, chunked along inputs (masks and scores:
+        ``rows_per_input`` rows per input, one per position); filled by slices."""
+        inputs = self.root.require_group(STAGE1_EVAL).create_array(
+            "inputs", shape=(n, *input_shape), chunks=(chunk, *input_shape), dtype=input_dtype, overwrite=True)
         scores = self.root.require_group(STAGE1_EVAL_SCORES)
         masks = self.root.require_group(STAGE1_EVAL_MASKS)
+        rows, row_chunk = n * rows_per_input, chunk * rows_per_input
         return {
             "inputs": inputs,
-            "scores": {k: scores.create_array(k, shape=(n, c), chunks=(chunk, c), dtype="float32", overwrite=True)
-                       for k, c in n_pieces.items()},
-            "masks": {k: masks.create_array(k, shape=(n, c), chunks=(chunk, c), dtype="bool", overwrite=True)
+            "scores": {k: scores.create_array(k, shape=(rows, c), chunks=(row_chunk, c), dtype="float32",
+                                              overwrite=True) for k, c in n_pieces.items()},
+            "masks": {k: masks.create_array(k, shape=(rows, c), chunks=(row_chunk, c), dtype="bool", overwrite=True)
                       for k, c in n_pieces.items()},
         }
 
@@ -248,19 +261,16 @@ class Run:
         group = self.root[TARGET_STATE]
         return {name: torch.from_numpy(np.asarray(arr[...])) for name, arr in group.arrays()}
 
-    def target(self) -> torch.nn.Module:
-        """The target network as a torch module, weights loaded, in eval mode."""
-        from targets.registry import module_from_spec
+    def target_ref(self) -> dict[str, Any]:
+        """How to rebuild the target module (model, layers, output, data)."""
+        self._require(TARGET)
+        return dict(self.attrs(TARGET)["ref"])
 
-        model = module_from_spec(self.attrs(TARGET)["spec"])
-        model.load_state_dict(self.target_state())
-        return model.eval()
-
-    def subcomponents(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{parameter name: (U, V)}; piece c is torch.outer(U[c], V[c]), in the
-        parameter's own shape."""
+    def pieces(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{matrix: (U, V)}; piece c is torch.outer(U[c], V[c]), in the shape
+        of the matrix's parameter."""
         self._require(STAGE1)
-        group = self.root[STAGE1_FACTORS]
+        group = self.root[STAGE1_PIECES]
         return {
             name: (torch.from_numpy(np.asarray(sub["U"][...])), torch.from_numpy(np.asarray(sub["V"][...])))
             for name, sub in sorted(group.groups())
@@ -282,7 +292,7 @@ class Run:
         return self.root[STAGE1_EVAL_INPUTS]
 
     def attribution_scores(self) -> dict[str, zarr.Array]:
-        """{parameter name: (n_eval, C) zarr array} of the final pieces' attributions."""
+        """{matrix: (n_rows, C) zarr array} of the final pieces' attributions."""
         self._require(STAGE1)
         return dict(sorted(self.root[STAGE1_EVAL_SCORES].arrays()))
 
@@ -294,8 +304,8 @@ class Run:
                       if g.attrs.get(STAGE_STATUS_ATTR) == "done")
 
     def grouping(self, name: str) -> dict[str, np.ndarray]:
-        """{parameter name: one int label per piece}; -1 marks dead pieces, and
-        mechanism g is the sum of the pieces labelled g across all parameters."""
+        """{matrix: one int label per piece}; -1 marks dead pieces, and
+        mechanism g is the sum of the pieces labelled g across all matrices."""
         if name not in self.groupings():
             have = ", ".join(self.groupings()) or "none"
             raise StoreError(f"{self.path} has no finished grouping {name!r} (has: {have})")
@@ -313,8 +323,8 @@ class Run:
         return dict(self.root[path].attrs) if path in self.root else None
 
     def eval_dask(self, names: list[str]):
-        """Stage 1's evaluation masks and scores of the named parameters, side
-        by side as lazy (n_eval, sum of C) dask arrays, chunked as stored."""
+        """Stage 1's evaluation masks and scores of the named matrices, side
+        by side as lazy (n_rows, sum of C) dask arrays, chunked as stored."""
         import dask.array as da
 
         self._require(STAGE1)
@@ -326,10 +336,10 @@ class Run:
     def checkpoint_step(self, stage: str) -> int | None:
         """The step of a stage's last checkpoint, or None when it has none."""
         path = checkpoint_file(self.path, stage)
-        return int(torch.load(path, weights_only=False)["state"]["step"]) if path.exists() else None
+        return int(_load_checkpoint(path)["state"]["step"]) if path.exists() else None
 
     def masks(self) -> dict[str, zarr.Array]:
-        """{parameter name: (n_eval, C) bool zarr array}: the batch top-k active pieces."""
+        """{matrix: (n_rows, C) bool zarr array}: the batch top-k active pieces."""
         self._require(STAGE1)
         return dict(sorted(self.root[STAGE1_EVAL_MASKS].arrays()))
 

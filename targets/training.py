@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from targets.base import TargetModel
+from torch import nn
 
 
 def cosine_lr(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -22,7 +22,7 @@ def cosine_lr(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def fit_target(
-    model: TargetModel,
+    model: nn.Module,
     sample: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
     recipe: dict,
     gen: torch.Generator,

@@ -3,9 +3,9 @@ import shutil
 import pytest
 import torch
 
-from stages.target import ensure_target
-from stores.run import RunStore
-from targets.registry import get_target
+from apdkit.stages.target import ensure_target
+from apdkit.stores.run import RunStore
+from apdkit.targets.load import resolve_ref
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +17,7 @@ def _threads():
 def tms_target_store(tmp_path_factory):
     """A store holding only a trained tms_5-2 target (trained once per session)."""
     path = tmp_path_factory.mktemp("cache") / "tms.zarr"
-    ensure_target(RunStore(path, "tms_5-2"), get_target("tms_5-2"), seed=0)
+    ensure_target(RunStore(path, "tms_5-2"), resolve_ref("tms_5-2"), seed=0)
     return path
 
 
@@ -34,7 +34,7 @@ def id_store(tmp_path_factory):
     """tms_5-2-id after stage 1 with the default settings (once per session)."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from apdkit.cli.main import app
 
     store = tmp_path_factory.mktemp("id") / "run.zarr"
     result = CliRunner().invoke(app, ["stage1", "--model", "tms_5-2-id", "--store", str(store), "-q"])

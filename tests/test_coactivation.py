@@ -2,7 +2,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from stages.coactivation import (PieceIndex, alive_pieces, coactivation_dask, coactivation_numpy,
+from apdkit.stages.group.coactivation import (PieceIndex, alive_pieces, coactivation_dask, coactivation_numpy,
                                  group_activity_counts, jaccard)
 
 

@@ -1,16 +1,18 @@
 import pytest
 
-from pipeline.config import STAGE1_TARGET_DEFAULTS, ConfigError, Stage1Config, resolve_stage1
-from targets.registry import TARGETS
+from apdkit.stages.config import ConfigError, GroupConfig, Stage1Config, resolve_group, resolve_stage1
+from apdkit.targets.registry import TARGETS
+
+TMS = TARGETS["tms_5-2"].stage1
 
 
 def test_resolution_order_generic_target_yaml_flags(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("steps: 123\nlr: 0.5\n")
-    cfg = resolve_stage1("tms_5-2", yaml_file, lr=0.25, seed=None)
+    cfg = resolve_stage1(TMS, yaml_file, lr=0.25, seed=None)
     assert cfg.steps == 123  # YAML over the per-target default
     assert cfg.lr == 0.25  # flag over YAML
-    assert cfg.topk == STAGE1_TARGET_DEFAULTS["tms_5-2"]["topk"]  # per-target over generic
+    assert cfg.topk == TMS["topk"]  # per-target over generic
     assert cfg.seed == Stage1Config().seed  # None flags are "not given"
 
 
@@ -26,7 +28,7 @@ def test_bad_config_is_one_line_error(tmp_path, text, fragment):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text(text)
     with pytest.raises(ConfigError) as err:
-        resolve_stage1("tms_5-2", yaml_file)
+        resolve_stage1(TMS, yaml_file)
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -40,10 +42,23 @@ def test_config_is_frozen():
 def test_per_matrix_values_must_name_the_decomposed_matrices():
     cfg = Stage1Config(topk={"W": 1.0, "typo": 2.0})
     with pytest.raises(ConfigError, match="unknown \\['typo'\\]"):
-        cfg.check_matrices(["W"])
+        cfg.per_matrix("topk", ["W"])
+    assert Stage1Config(topk=0.5).per_matrix("topk", ["a", "b.identity"], {"b.identity": 4.0}) == \
+        {"a": 0.5, "b.identity": 4.0}
 
 
 def test_every_target_has_valid_defaults():
-    for name in TARGETS:
-        cfg = resolve_stage1(name)
-        cfg.check_matrices(list(TARGETS[name].make().decomposed))
+    from apdkit.targets.load import TargetRef, decomposed_model
+
+    for name, spec in TARGETS.items():
+        cfg = resolve_stage1(spec.stage1)
+        names = decomposed_model(TargetRef(name, modules=spec.modules), spec.make()).names
+        assert set(cfg.per_matrix("topk", names)) == set(names)
+
+
+def test_group_yaml_method_is_not_overridden_by_an_absent_flag(tmp_path):
+    """The CLI passes None for flags not given, so YAML's method holds."""
+    yaml_file = tmp_path / "g.yaml"
+    yaml_file.write_text("method: mdl\n")
+    assert resolve_group(yaml_file, method=None).method == "mdl"
+    assert resolve_group(None, method=None).method == GroupConfig().method

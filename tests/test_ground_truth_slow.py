@@ -3,8 +3,8 @@
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from stores import open_run
+from apdkit.cli.main import app
+from apdkit import open_run
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

@@ -4,10 +4,10 @@ length and rank helpers are exact on small cases."""
 import numpy as np
 import pytest
 
-from stages.coactivation import coactivation_numpy
-from stages.grouping import METHODS, GroupingError, GroupingInput, GroupingSettings
-from stages.ground_truth import partition_scores
-from stages.mechanisms import description_length, numerical_rank, relabel
+from apdkit.stages.group.coactivation import coactivation_numpy
+from apdkit.stages.group.methods import METHODS, GroupingError, GroupingInput, GroupingSettings
+from apdkit.stages.group.mechanisms import partition_scores
+from apdkit.stages.group.mechanisms import description_length, numerical_rank, relabel
 
 
 def planted(seed=0, n=4000, sizes=(3, 2, 2, 1, 3)):

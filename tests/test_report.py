@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from apdkit.cli.main import app
 
 runner = CliRunner()
 CHROMIUM = shutil.which("chromium")

@@ -1,13 +1,14 @@
 import torch
 
-from stages.scoring import dedicated_pieces, tms_feature_recovery
+from apdkit.targets.probes import dedicated_pieces
+from apdkit.targets.tms.scoring import feature_recovery
 
 
 def test_ground_truth_pieces_score_perfectly():
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(2, 5, generator=gen)
     U, V = W.T.clone(), torch.eye(5)  # piece j = W[:, j] e_j^T
-    s = tms_feature_recovery(W, U, V)
+    s = feature_recovery(W, U, V)
     assert abs(s["mmcs"] - 1) < 1e-6 and abs(s["ml2r"] - 1) < 1e-6
     assert abs(s["grouped_ml2r"] - 1) < 1e-6
 
@@ -17,7 +18,7 @@ def test_split_pieces_lower_ml2r_but_not_grouped_ml2r():
     # feature 0 split into two halves; feature 1 shrunk to 0.8 of its length
     U = torch.tensor([[0.5, 0.0], [0.5, 0.0], [0.0, 1.6]])
     V = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    s = tms_feature_recovery(W, U, V)
+    s = feature_recovery(W, U, V)
     assert abs(s["mmcs"] - 1) < 1e-6
     assert abs(s["ml2r"] - (0.5 + 0.8) / 2) < 1e-6
     assert abs(s["grouped_ml2r"] - (1.0 + 0.8) / 2) < 1e-6

@@ -10,10 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
-from pipeline.config import resolve_stage1
-from stages.stage1 import run_stage1
-from stores import open_run
+from apdkit.cli.main import app
+from apdkit.stages.config import resolve_stage1
+from apdkit.targets.load import resolve_ref
+from apdkit.targets.registry import TARGETS
+from apdkit.stages.stage1.stage import run_stage1
+from apdkit import open_run
 
 runner = CliRunner()
 
@@ -34,19 +36,20 @@ def test_tms_5_2_recovers_features_from_scratch(tmp_path):
     assert scores["tms/grouped_ml2r"] >= 0.95  # shrinkage undone by the annealed simplicity term
     assert scores["faithfulness_rel_error/W"] < 1e-2
 
-    # The public API: names from named_parameters, pieces in the parameter's shape.
+    # The public API: matrices named by module, pieces in the parameter's shape;
+    # W and its tied transpose W_T are one matrix used twice.
     model = run.target()
-    pieces = run.subcomponents()
-    params = dict(model.named_parameters())
-    assert set(pieces) == {"W"} and set(pieces) <= set(params)
+    pieces = run.pieces()
+    assert set(pieces) == {"W"}
+    assert run.attrs("stage1")["matrices"]["W"] == {"param": "W.weight", "uses": ["W", "W_T"], "shape": [2, 5]}
     U, V = pieces["W"]
-    C = resolve_stage1("tms_5-2").n_pieces
+    C = resolve_stage1(TARGETS["tms_5-2"].stage1).n_pieces
     assert U.shape == (C, 2) and V.shape == (C, 5)
-    assert torch.outer(U[0], V[0]).shape == params["W"].shape
+    assert torch.outer(U[0], V[0]).shape == model.W.weight.shape
     total = sum(torch.outer(U[c], V[c]) for c in range(C))
-    assert torch.allclose(total, params["W"], atol=1e-2)
+    assert torch.allclose(total, model.W.weight, atol=1e-2)
     masks, attr = run.masks()["W"], run.attribution_scores()["W"]
-    n_eval = resolve_stage1("tms_5-2").eval_samples
+    n_eval = resolve_stage1(TARGETS["tms_5-2"].stage1).eval_samples
     assert masks.shape == attr.shape == (n_eval, C)
     assert run.eval_inputs().shape == (n_eval, 5)
     assert abs(masks[:].sum() / n_eval - scores["mean_active_pieces"]) < 1e-9
@@ -77,17 +80,18 @@ class _InterruptAt:
 
 
 def test_interrupted_run_resumes_to_the_same_result(tms_store, tmp_path):
-    cfg = resolve_stage1("tms_5-2", _small(tmp_path))
+    cfg = resolve_stage1(TARGETS["tms_5-2"].stage1, _small(tmp_path))
+    ref = resolve_ref("tms_5-2")
     reference = tmp_path / "reference.zarr"
     import shutil
 
     shutil.copytree(tms_store, reference)
-    run_stage1(reference, "tms_5-2", cfg)
+    run_stage1(reference, ref, cfg)
     with pytest.raises(KeyboardInterrupt):
-        run_stage1(tms_store, "tms_5-2", cfg, reporter=_InterruptAt(420))
+        run_stage1(tms_store, ref, cfg, reporter=_InterruptAt(420))
     assert open_run(tms_store).status("stage1") == "running"
-    run_stage1(tms_store, "tms_5-2", cfg)
-    a, b = open_run(reference).subcomponents()["W"], open_run(tms_store).subcomponents()["W"]
+    run_stage1(tms_store, ref, cfg)
+    a, b = open_run(reference).pieces()["W"], open_run(tms_store).pieces()["W"]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert open_run(reference).scores() == open_run(tms_store).scores()
 
@@ -98,7 +102,7 @@ def test_kill_9_then_same_command_resumes_bit_for_bit(tms_store, tmp_path):
     cfg_file = _small(tmp_path, steps=1500)
     reference = tmp_path / "reference.zarr"
     shutil.copytree(tms_store, reference)
-    cmd = [sys.executable, "-m", "cli", "stage1", "--model", "tms_5-2", "--config", str(cfg_file), "--quiet"]
+    cmd = [sys.executable, "-m", "apdkit.cli", "stage1", "--model", "tms_5-2", "--config", str(cfg_file), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     subprocess.run([*cmd, "--store", str(reference)], check=True, env=env, capture_output=True)
 
@@ -113,20 +117,20 @@ def test_kill_9_then_same_command_resumes_bit_for_bit(tms_store, tmp_path):
     assert open_run(tms_store).status("stage1") == "running"  # killed mid-stage, still readable
     done = subprocess.run([*cmd, "--store", str(tms_store)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    a, b = open_run(reference).subcomponents()["W"], open_run(tms_store).subcomponents()["W"]
+    a, b = open_run(reference).pieces()["W"], open_run(tms_store).pieces()["W"]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_finished_stage_is_not_rerun_without_force(tms_store, tmp_path):
     cfg = _small(tmp_path, steps=100)
     assert apd("stage1", "--model", "tms_5-2", "--store", tms_store, "--config", cfg, "-q").exit_code == 0
-    before = open_run(tms_store).subcomponents()["W"][0]
+    before = open_run(tms_store).pieces()["W"][0]
     again = apd("stage1", "--model", "tms_5-2", "--store", tms_store, "--config", cfg, "--seed", 5, "-q")
     assert again.exit_code == 0
-    assert torch.equal(open_run(tms_store).subcomponents()["W"][0], before)
+    assert torch.equal(open_run(tms_store).pieces()["W"][0], before)
     forced = apd("stage1", "--model", "tms_5-2", "--store", tms_store, "--config", cfg, "--seed", 5, "--force", "-q")
     assert forced.exit_code == 0
-    assert not torch.equal(open_run(tms_store).subcomponents()["W"][0], before)
+    assert not torch.equal(open_run(tms_store).pieces()["W"][0], before)
 
 
 def _tree(path):
@@ -170,7 +174,7 @@ def test_nan_loss_stops_with_clear_error_and_no_factors(tms_store, tmp_path):
     run = open_run(tms_store)
     assert run.status("stage1") == "failed"
     assert run.status("target") == "done"
-    assert "factors" not in run.root["stage1"]
+    assert "pieces" not in run.root["stage1"]
 
 
 def test_user_trained_state_dict_is_decomposed(tms_target_store, tmp_path):
@@ -183,12 +187,12 @@ def test_user_trained_state_dict_is_decomposed(tms_target_store, tmp_path):
     assert result.exit_code == 0, result.output
     run = open_run(store)
     assert run.attrs("target")["source"] == str(f)
-    assert torch.equal(run.target().W, state["W"])
+    assert torch.equal(run.target().W.weight, state["W.weight"])
 
 
 def test_target_file_of_wrong_shape_is_refused(tmp_path):
     f = tmp_path / "wrong.pt"
-    torch.save({"W": torch.zeros(3, 3), "b": torch.zeros(3)}, f)
+    torch.save({"W.weight": torch.zeros(3, 3), "W_T.bias": torch.zeros(3)}, f)
     store = tmp_path / "run.zarr"
     result = apd("stage1", "--model", "tms_5-2", "--store", store, "--target-file", f, "-q")
     assert result.exit_code == 2 and "does not fit tms_5-2" in result.output

@@ -7,9 +7,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.config import resolve_stage1
-from stages.decompose import new_state, objective, simplicity_weight_at, unit_rows
-from targets.registry import TARGETS
+from apdkit.core.pieces import unit_rows
+from apdkit.stages.config import resolve_stage1
+from apdkit.stages.stage1.objective import objective
+from apdkit.stages.stage1.train import coefficients, new_state, simplicity_weight_at
+from apdkit.stages.target import Target, matrix_settings
+from apdkit.targets.load import TargetRef, decomposed_model
+from apdkit.targets.registry import TARGETS
 
 aten = torch.ops.aten
 HOST_SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
@@ -31,18 +35,22 @@ def test_objective_and_backward_do_not_sync(name):
     spec = TARGETS[name]
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = spec.make()
-    for p in model.parameters():
+        module = spec.make()
+    for p in module.parameters():
         p.requires_grad_(False)
-    cfg = resolve_stage1(name, batch_size=64)
-    sample = lambda b, g: spec.sample(model, b, g)  # noqa: E731
-    state = new_state(model, cfg, torch.device("cpu"), sample)
-    weights = {n: w.detach() for n, w in model.decomposed_weights().items()}
+    ref = TargetRef(name, modules=spec.modules, hidden=spec.hidden)
+    model = decomposed_model(ref, module)
+    cfg = resolve_stage1(spec.stage1, batch_size=64)
+    sample = lambda b, g: spec.sample(module, b, g)  # noqa: E731
+    n_pieces, topk = matrix_settings(Target(ref, module, model, sample), cfg)
+    state = new_state(model, cfg, n_pieces, torch.device("cpu"), sample)
+    weights = model.weights()
     x = sample(64, torch.Generator().manual_seed(0))
     detector = HostSyncDetector()
     with detector:
         V = {n: unit_rows(v) for n, v in state.V_raw.items()}
-        losses = objective(model, x, weights, state.U, V, cfg, simplicity_weight_at(cfg, 300))
+        losses = objective(model, x, weights, state.U, V, topk, coefficients(cfg), cfg.schatten_p,
+                           simplicity_weight_at(cfg, 300))
         losses["total"].backward()
     assert detector.hits == []
     # the detector does see a host read when there is one

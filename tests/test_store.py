@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from stores.run import ROOT_ATTR, RunStore, StoreError, check_writable, open_run
+from apdkit.stores.run import ROOT_ATTR, RunStore, StoreError, check_writable, open_run
 
 
 def test_refuses_a_file_and_a_foreign_directory(tmp_path):
@@ -62,4 +62,4 @@ def test_checkpoint_is_replaced_atomically(tmp_path):
 def test_reading_an_unfinished_stage_is_a_clear_error(tmp_path):
     RunStore(tmp_path / "run.zarr", "tms_5-2")
     with pytest.raises(StoreError, match="stage1 is absent, not done"):
-        open_run(tmp_path / "run.zarr").subcomponents()
+        open_run(tmp_path / "run.zarr").pieces()

@@ -13,8 +13,8 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from cli.main import app
-from stores import open_run
+from apdkit.cli.main import app
+from apdkit import open_run
 
 runner = CliRunner()
 
@@ -47,7 +47,7 @@ def test_verify_passes_on_a_good_decomposition(grouped_id):
 def test_verify_catches_a_perturbed_mechanism(grouped_id):
     labels = open_run(grouped_id).grouping("g")["W"]
     g = int(labels[labels >= 0][0])
-    U = zarr.open_array(str(grouped_id / "stage1" / "factors" / "W" / "U"), mode="r+")
+    U = zarr.open_array(str(grouped_id / "stage1" / "pieces" / "W" / "U"), mode="r+")
     u = np.asarray(U[...])
     u[labels == g] *= 1.5  # one mechanism no longer adds up
     U[...] = u
@@ -70,7 +70,7 @@ def test_run_refuses_a_store_of_another_model(id_store):
 def _final_figures(store):
     run = open_run(store)
     ver = run.verification("spectral")
-    U, V = run.subcomponents()["W"]
+    U, V = run.pieces()["W"]
     return ver["checks"], run.grouping("spectral")["W"].tolist(), U.numpy().tobytes()
 
 
@@ -111,7 +111,7 @@ def test_kill_9_in_each_stage_then_rerun_gives_the_same_result(tms_target_store,
     final rerun ends with the same result as an uninterrupted run."""
     cfg = tmp_path / "small.yaml"
     cfg.write_text("steps: 800\nwarm_start_steps: 50\ncheckpoint_every: 100\nlog_every: 50\neval_samples: 20000\n")
-    cmd = [sys.executable, "-m", "cli", "run", "--model", "tms_5-2", "--config", str(cfg), "-q"]
+    cmd = [sys.executable, "-m", "apdkit.cli", "run", "--model", "tms_5-2", "--config", str(cfg), "-q"]
     reference = tmp_path / "reference.zarr"
     shutil.copytree(tms_target_store, reference)
     marks = _run_and_time_stages(cmd, reference)

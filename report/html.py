@@ -14,16 +14,12 @@ matplotlib.use("Agg")  # no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from pipeline.config import Stage1Config  # noqa: E402
-from stages.attributions import mechanism_attributions  # noqa: E402
-from stages.coactivation import CoactivationStats, PieceIndex, coactivation_dask  # noqa: E402
-from stages.errors import StageError  # noqa: E402
-from stages.grouping import affinity  # noqa: E402
-from stages.mechanisms import membership_matrices  # noqa: E402
-from stages.pieces import MaskedPiecesOp  # noqa: E402
-from stores.run import STAGE1, Run  # noqa: E402
+from apdkit.stages.errors import StageError  # noqa: E402
+from apdkit.stages.group.coactivation import CoactivationStats, PieceIndex, coactivation_dask  # noqa: E402
+from apdkit.stages.group.methods import affinity  # noqa: E402
+from apdkit.stages.target import load_from_store  # noqa: E402
+from apdkit.stores.run import STAGE1, Run  # noqa: E402
 
 
 def _png(fig) -> str:
@@ -47,79 +43,9 @@ def loss_curves(run: Run) -> str:
     return _png(fig)
 
 
-def tms_directions(run: Run, labels: dict[str, np.ndarray], n_groups: int) -> str:
-    """Each mechanism's W columns against the target's feature columns."""
-    model = run.target()
-    W = model.W.detach().numpy()
-    U, V = (t.numpy() for t in run.subcomponents()["W"])
-    lab = labels["W"]
-    mech_W = [U[lab == g].T @ V[lab == g] for g in range(n_groups)]
-    if W.shape[0] == 2:
-        cols = min(n_groups, 6)
-        rows = int(np.ceil(n_groups / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.3 * rows), squeeze=False)
-        lim = 1.2 * np.abs(W).max()
-        for g, ax in enumerate(axes.flat):
-            ax.set_xlim(-lim, lim)
-            ax.set_ylim(-lim, lim)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if g >= n_groups:
-                ax.axis("off")
-                continue
-            for j in range(W.shape[1]):
-                ax.annotate("", W[:, j], (0, 0), arrowprops=dict(arrowstyle="->", color="0.8"))
-                c = mech_W[g][:, j]
-                if np.linalg.norm(c) > 0.05 * np.linalg.norm(W[:, j]):
-                    ax.annotate("", c, (0, 0), arrowprops=dict(arrowstyle="->", color="C3", lw=2))
-                    ax.text(*(c * 1.08), str(j), fontsize=7, color="C3")
-            ax.set_title(f"mechanism {g}", fontsize=8)
-        fig.suptitle("feature columns of W (grey) and of each mechanism's W (red)", fontsize=9)
-        return _png(fig)
-    sim = np.array([[np.linalg.norm(mw[:, j]) / (np.linalg.norm(W[:, j]) + 1e-12) for j in range(W.shape[1])]
-                    for mw in mech_W])
-    fig, ax = plt.subplots(figsize=(8, 0.25 * n_groups + 1.5))
-    im = ax.imshow(sim, aspect="auto", cmap="viridis", vmin=0, vmax=1.2)
-    ax.set_xlabel("feature (column of W)")
-    ax.set_ylabel("mechanism")
-    ax.set_title("norm of each mechanism's column j over the target's column j")
-    fig.colorbar(im, ax=ax)
-    return _png(fig)
-
-
-@torch.no_grad()
-def resid_feature_map(run: Run, labels: dict[str, np.ndarray], n_groups: int) -> tuple[str, str]:
-    """Features x mechanisms attribution on one-hot inputs, and the output
-    error per feature with only the top mechanisms of each input on."""
-    model = run.target()
-    factors = run.subcomponents()
-    member = membership_matrices(labels, n_groups)
-    x = torch.eye(model.n_features)
-    scores, _ = mechanism_attributions(model, x, factors, member)
-    scores = scores.numpy()
-    order = np.argsort(scores.argmax(axis=0))
-    fig, ax = plt.subplots(figsize=(8, 6))
-    im = ax.imshow(scores[:, order] / (scores.max(axis=1, keepdims=True) + 1e-12), aspect="auto", cmap="magma")
-    ax.set_xlabel("mechanism (sorted by the feature it responds to most)")
-    ax.set_ylabel("one-hot input feature")
-    ax.set_title("mechanism attribution on one-hot inputs (row-normalised)")
-    fig.colorbar(im, ax=ax)
-    heat = _png(fig)
-    top = torch.from_numpy(scores.argmax(axis=1))
-    mask = torch.nn.functional.one_hot(top, n_groups).float()
-    ops = {p: MaskedPiecesOp(U, V, mask @ member[p].T) for p, (U, V) in factors.items()}
-    err = ((model.run(x, ops).output - model(x)) ** 2).mean(dim=1).numpy()
-    fig, ax = plt.subplots(figsize=(8, 2.8))
-    ax.bar(np.arange(len(err)), err, color="C0")
-    ax.set_xlabel("feature")
-    ax.set_ylabel("output MSE")
-    ax.set_title("one-hot input, only its top mechanism on: error against the target")
-    return heat, _png(fig)
-
-
 def coactivation_graph(run: Run, labels: dict[str, np.ndarray]) -> str:
-    factors = run.subcomponents()
-    index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in factors.items()})
+    pieces = run.pieces()
+    index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in pieces.items()})
     masks, scores = run.eval_dask(list(index.names))
     stats = coactivation_dask(masks, scores)
     flat = np.concatenate([labels[n] for n in index.names])
@@ -161,7 +87,7 @@ def write_report(store_path: Path, out: Path, grouping: str | None = None) -> Pa
     run = Run(store_path)
     if run.status(STAGE1) != "done":
         raise StageError(f"{store_path} has no finished stage 1: nothing to report yet")
-    family = run.attrs("target")["spec"]["family"]
+    target = load_from_store(run)
     parts = [f"<h1>apd run: {html.escape(run.model_name)}</h1>",
              f"<p>store <code>{html.escape(str(store_path))}</code></p>",
              "<h2>Stage 1: rank-1 pieces</h2>", loss_curves(run),
@@ -179,11 +105,8 @@ def write_report(store_path: Path, out: Path, grouping: str | None = None) -> Pa
                           *[(f"ground truth {k}", _fmt(v)) for k, v in info.get("scores", {}).items()]],
                          ("figure", "value")),
                   coactivation_graph(run, labels)]
-        if family == "tms":
-            parts.append(tms_directions(run, labels, n_groups))
-        elif family == "resid_mlp":
-            heat, err = resid_feature_map(run, labels, n_groups)
-            parts += [heat, err]
+        if target.has_ground_truth and target.builtin.figures is not None:
+            parts += [_png(fig) for fig in target.builtin.figures(target.model, run.pieces(), labels, n_groups)]
         ver = run.verification(name)
         if ver is not None:
             rows = [(c, "pass" if b["passed"] else "FAIL", k, _fmt(v))

@@ -13,8 +13,8 @@ import networkx as nx
 import numpy as np
 from sklearn.cluster import SpectralClustering
 
-from stages.coactivation import CoactivationStats, jaccard
-from stages.mechanisms import relabel
+from apdkit.stages.group.coactivation import CoactivationStats, jaccard
+from apdkit.stages.group.mechanisms import relabel
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,19 @@ class GroupingError(ValueError):
 
 
 CHANCE_LIFT = 2.0  # co-activation must beat independence by this factor to link two pieces
+ALWAYS_TOGETHER = 0.9  # ... unless they (almost) never fire apart
 
 
 def affinity(stats: CoactivationStats) -> np.ndarray:
     """Jaccard co-activation, kept only where two pieces fire together at
     least CHANCE_LIFT times as often as independent pieces would: coincidences
-    between unrelated pieces (two features on the same input) are not links."""
+    between unrelated pieces (two features on the same input) are not links.
+    Pieces that nearly always fire together (Jaccard >= ALWAYS_TOGETHER) stay
+    linked even when both fire on most inputs, where chance says nothing
+    (an inserted identity is on for every input)."""
     A = jaccard(stats)
     expected = np.outer(stats.counts, stats.counts) / max(stats.n_samples, 1)
-    A[stats.co < CHANCE_LIFT * expected] = 0.0
+    A[(stats.co < CHANCE_LIFT * expected) & (A < ALWAYS_TOGETHER)] = 0.0
     np.fill_diagonal(A, 1.0)
     return A
 

@@ -17,18 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import GroupConfig, Stage1Config, VerifyConfig
-from stages.attributions import mechanism_attributions
-from stages.decompose import score_inputs
-from stages.errors import StageError
-from stages.mechanisms import description_length, mechanism_ranks, membership_matrices
-from stages.coactivation import PieceIndex
-from stages.pieces import MaskedPiecesOp, batch_topk_mask, pieces_sum
-from stages.progress import Reporter, SilentReporter
-from stores.run import STAGE1, Run, RunStore
-from targets.registry import get_target
+from apdkit.core.attributions import mechanism_attributions
+from apdkit.core.masks import score_inputs
+from apdkit.core.pieces import batch_topk_mask, membership_matrices, pieces_sum
+from apdkit.stages.config import GroupConfig, Stage1Config, VerifyConfig
+from apdkit.stages.errors import StageError
+from apdkit.stages.group.coactivation import PieceIndex
+from apdkit.stages.group.mechanisms import description_length, identity_mechanisms, mechanism_ranks
+from apdkit.stages.progress import Reporter, SilentReporter
+from apdkit.stages.seeds import generator
+from apdkit.stages.target import Target, load_from_store, matrix_settings
+from apdkit.stores.run import STAGE1, Run, RunStore
 
-FRESH_SEED_OFFSET = 17  # verification inputs: a stream neither stage has seen
+
+USED_SHARE = 0.01  # a mechanism is "used" on an input where its attribution is at least this share of the largest
 
 
 def choose_grouping(run: Run, name: str | None) -> str:
@@ -44,14 +46,9 @@ def choose_grouping(run: Run, name: str | None) -> str:
     return have[0]
 
 
-def _output_errors(model, x, ops, target_out, zero_out) -> tuple[float, float]:
-    out = model.run(x, ops).output
-    mse = float(((out - target_out) ** 2).mean())
-    return mse, float(((zero_out - target_out) ** 2).mean())
-
-
 @torch.no_grad()
-def run_verify(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = None) -> dict:
+def run_verify(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = None,
+               target: Target | None = None) -> dict:
     reporter = reporter or SilentReporter()
     run = Run(store_path)
     if run.status(STAGE1) != "done":
@@ -61,56 +58,64 @@ def run_verify(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = 
     labels = run.grouping(name)
     stage1_cfg = Stage1Config(**run.config(STAGE1))
     group_cfg = GroupConfig(**info["config"])
-    model = run.target()
-    spec = get_target(run.model_name)
-    factors = run.subcomponents()
+    if target is None:
+        target = load_from_store(run)
+    model = target.model
+    _, topk = matrix_settings(target, stage1_cfg)
+    pieces = run.pieces()
     n_groups = int(info["n_groups"])
 
     # faithfulness: mechanisms plus the set-aside (dead) pieces must give W;
     # how much of W sits in pieces no input uses is reported beside it
     faith, unused = {}, {}
-    for param, w in model.decomposed_weights().items():
-        U, V = factors[param]
-        dead = torch.from_numpy(labels[param] < 0)
-        faith[param] = float((w - pieces_sum(U, V)).norm() / w.norm())
-        unused[param] = float(pieces_sum(U[dead], V[dead]).norm() / w.norm())
+    for matrix, w in model.weights().items():
+        U, V = pieces[matrix]
+        dead = torch.from_numpy(labels[matrix] < 0)
+        faith[matrix] = float((w - pieces_sum(U, V)).norm() / w.norm())
+        unused[matrix] = float(pieces_sum(U[dead], V[dead]).norm() / w.norm())
 
     membership = membership_matrices(labels, n_groups)
     k_mech = float(info["mean_active_mechanisms"])
+    exact, probes = stage1_cfg.max_exact_outputs, stage1_cfg.attribution_probes
 
-    gen = torch.Generator().manual_seed(stage1_cfg.seed + FRESH_SEED_OFFSET + cfg.seed)
+    gen = generator(stage1_cfg.seed, "verify", cfg.seed)
     sums = {"pieces_mse": 0.0, "mech_mse": 0.0, "ablated_mse": 0.0, "pieces_active": 0.0, "mech_active": 0.0}
-    zero_ops = {p: MaskedPiecesOp(U, V, torch.zeros(1, U.shape[0])) for p, (U, V) in factors.items()}
+    n_rows = 0
+    mech_counts = torch.zeros(n_groups)  # rows on which each mechanism is in the top-k
+    mech_used = torch.zeros(n_groups)  # rows on which its attribution is >= USED_SHARE of the row's largest
+    zero_masks = {n: torch.zeros(1, U.shape[0]) for n, (U, V) in pieces.items()}
     reporter.start("verifying on fresh inputs", cfg.samples)
     done = 0
     while done < cfg.samples:
         n = min(stage1_cfg.batch_size, cfg.samples - done)
-        x = spec.sample(model, n, gen)
+        x = target.sample(n, gen)
+        target_out = model.forward(x).output
+        rows = target_out.shape[0]
+        zero_out = model.run(x, pieces, {k: m.expand(rows, -1) for k, m in zero_masks.items()}).output
         # stage-1 pieces, as trained
-        _, piece_masks = score_inputs(model, x, factors, stage1_cfg)
-        target_out = model(x)
-        zero_out = model.run(x, zero_ops).output
-        piece_ops = {p: MaskedPiecesOp(U, V, piece_masks[p].float()) for p, (U, V) in factors.items()}
-        mse_p, mse_0 = _output_errors(model, x, piece_ops, target_out, zero_out)
+        _, piece_masks = score_inputs(model, x, pieces, topk, stage1_cfg.batch_size, exact, probes, gen)
+        out_p = model.run(x, pieces, {k: m.float() for k, m in piece_masks.items()}).output
         # mechanisms, attributed as wholes
-        mech_scores, _ = mechanism_attributions(model, x, factors, membership)
+        mech_scores, _ = mechanism_attributions(model, x, pieces, membership, exact, probes, gen)
         mech_mask = batch_topk_mask(mech_scores, k_mech).float()
-        mech_ops = {p: MaskedPiecesOp(U, V, mech_mask @ membership[p].T) for p, (U, V) in factors.items()}
-        mse_m, _ = _output_errors(model, x, mech_ops, target_out, zero_out)
-        sums["pieces_mse"] += mse_p * n
-        sums["mech_mse"] += mse_m * n
-        sums["ablated_mse"] += mse_0 * n
+        out_m = model.run(x, pieces, {k: mech_mask @ membership[k].T for k in pieces}).output
+        sums["pieces_mse"] += float(((out_p - target_out) ** 2).mean()) * rows
+        sums["mech_mse"] += float(((out_m - target_out) ** 2).mean()) * rows
+        sums["ablated_mse"] += float(((zero_out - target_out) ** 2).mean()) * rows
         sums["pieces_active"] += float(sum(m.sum() for m in piece_masks.values()))
         sums["mech_active"] += float(mech_mask.sum())
+        mech_counts += mech_mask.sum(0)
+        mech_used += (mech_scores >= USED_SHARE * mech_scores.max(dim=1, keepdim=True).values.clamp_min(1e-30)).sum(0)
+        n_rows += rows
         done += n
         reporter.advance("verifying on fresh inputs", done)
     reporter.finish("verifying on fresh inputs")
-    avg = {k: v / cfg.samples for k, v in sums.items()}
+    avg = {k: v / n_rows for k, v in sums.items()}
 
     index = PieceIndex.from_sizes({p: len(lab) for p, lab in labels.items()})
     flat_labels = np.concatenate([labels[p] for p in index.names])
-    np_factors = {p: (U.numpy(), V.numpy()) for p, (U, V) in factors.items()}
-    ranks = mechanism_ranks(flat_labels, index, np_factors, n_groups, group_cfg.rank_rtol)
+    np_pieces = {p: (U.numpy(), V.numpy()) for p, (U, V) in pieces.items()}
+    ranks = mechanism_ranks(flat_labels, index, np_pieces, n_groups, group_cfg.rank_rtol)
     activity = np.asarray(info["activity"])
     dl = description_length(activity, ranks.sum(1), group_cfg.alpha)
     # description lengths are on stage 1's stored inputs, where stage 2 counted activity
@@ -153,6 +158,22 @@ def run_verify(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = 
             "threshold": "description length <= that of the ungrouped pieces",
         },
     }
+    if model.identities:
+        ident = identity_mechanisms(labels, list(model.identities))
+        used = {n: float(mech_used[i["mechanism"]] / n_rows) if i["mechanism"] is not None else 0.0
+                for n, i in ident.items()}
+        in_topk = {n: float(mech_counts[i["mechanism"]] / n_rows) if i["mechanism"] is not None else 0.0
+                   for n, i in ident.items()}
+        checks["identity"] = {
+            "passed": all(i["one_mechanism"] and i["exclusive"] and used[n] >= cfg.identity_active_min
+                          for n, i in ident.items()),
+            "figures": {**{f"mechanisms/{n}": i["n_mechanisms"] for n, i in ident.items()},
+                        **{f"exclusive/{n}": int(i["exclusive"]) for n, i in ident.items()},
+                        **{f"used_share/{n}": used[n] for n in ident},
+                        **{f"topk_share/{n}": in_topk[n] for n in ident}},
+            "threshold": (f"each inserted identity is one mechanism of its own, used (attribution >= {USED_SHARE} of "
+                          f"the input's largest) on >= {cfg.identity_active_min} of inputs"),
+        }
     result = {"grouping": name, "samples": cfg.samples, "passed": all(c["passed"] for c in checks.values()),
               "checks": checks, "config": cfg.model_dump()}
     RunStore(store_path, run.model_name).write_verify(name, result)

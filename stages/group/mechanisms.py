@@ -12,7 +12,9 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from stages.coactivation import PieceIndex
+from sklearn.metrics import adjusted_rand_score
+
+from apdkit.stages.group.coactivation import PieceIndex
 
 
 def numerical_rank(U: np.ndarray, V: np.ndarray, rtol: float) -> int:
@@ -74,12 +76,32 @@ def mechanism_weights(labels: Mapping[str, np.ndarray], factors: Mapping[str, tu
     return out
 
 
-def membership_matrices(labels: Mapping[str, np.ndarray], n_groups: int) -> dict[str, torch.Tensor]:
-    """Per parameter, a (C, n_groups) 0/1 matrix: piece c belongs to mechanism g."""
+def partition_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Agreement of a grouping with the ground-truth one, over the same pieces."""
+    def canonical(lab):
+        groups: dict[int, list[int]] = {}
+        for i, g in enumerate(lab):
+            groups.setdefault(int(g), []).append(i)
+        return sorted(map(tuple, groups.values()))
+
+    return {
+        "ari": float(adjusted_rand_score(truth, predicted)),
+        "exact_match": float(canonical(predicted) == canonical(truth)),
+        "truth_groups": float(len(set(truth.tolist()))),
+    }
+
+
+def identity_mechanisms(labels: Mapping[str, np.ndarray], identities: list[str]) -> dict[str, dict]:
+    """For each inserted identity matrix: whether all its pieces landed in one
+    mechanism (none set aside), which one, and whether that mechanism holds
+    nothing else. The known answer is one mechanism, used by every input."""
     out = {}
-    for param, lab in labels.items():
-        m = torch.zeros(len(lab), n_groups)
-        rows = np.flatnonzero(np.asarray(lab) >= 0)
-        m[rows, np.asarray(lab)[rows]] = 1.0
-        out[param] = m
+    for name in identities:
+        lab = np.asarray(labels[name])
+        groups = set(lab.tolist())
+        one = len(groups) == 1 and -1 not in groups
+        g = int(lab[0]) if one else None
+        exclusive = one and all(not np.any(np.asarray(v) == g) for n, v in labels.items() if n != name)
+        out[name] = {"one_mechanism": one, "mechanism": g, "exclusive": exclusive,
+                     "n_mechanisms": len(groups - {-1}), "set_aside": int((lab < 0).sum())}
     return out

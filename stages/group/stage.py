@@ -8,36 +8,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import GroupConfig, Stage1Config
-from stages.coactivation import (CoactivationStats, PieceIndex, alive_pieces, coactivation_dask,
-                                 coactivation_numpy, group_activity_counts, sample_rows)
-from stages.decompose import score_inputs
-from stages.errors import StageError
-from stages.grouping import METHODS, GroupingError, GroupingInput, GroupingSettings
-from stages.ground_truth import partition_scores, truth_labels
-from stages.mechanisms import description_length, mechanism_ranks, numerical_rank, relabel
-from stages.progress import Reporter, SilentReporter
-from stores.run import STAGE1, Run, RunStore
-from targets.registry import get_target
+from apdkit.core.masks import score_inputs
+from apdkit.stages.config import GroupConfig, Stage1Config
+from apdkit.stages.errors import StageError
+from apdkit.stages.group.coactivation import (CoactivationStats, PieceIndex, alive_pieces, coactivation_dask,
+                                              coactivation_numpy, group_activity_counts, sample_rows)
+from apdkit.stages.group.mechanisms import (description_length, identity_mechanisms, mechanism_ranks,
+                                            numerical_rank, partition_scores, relabel)
+from apdkit.stages.group.methods import METHODS, GroupingError, GroupingInput, GroupingSettings
+from apdkit.stages.progress import Reporter, SilentReporter
+from apdkit.stages.seeds import generator
+from apdkit.stages.target import Target, load_from_store, matrix_settings
+from apdkit.stores.run import STAGE1, Run, RunStore
 
-EXTRA_SAMPLES_SEED_OFFSET = 11  # new inputs for --samples come from their own stream
 
-
-def _extra_stats(run: Run, index: PieceIndex, n_extra: int, stage1_cfg: Stage1Config, chunk: int,
+def _extra_stats(target: Target, pieces, index: PieceIndex, n_extra: int, stage1_cfg: Stage1Config, chunk: int,
                  reporter: Reporter) -> CoactivationStats:
     """Statistics on ``n_extra`` new inputs, scored with the stage-1 pieces
     chunk by chunk (nothing held beyond one chunk, nothing written)."""
-    model = run.target()
-    spec = get_target(run.model_name)
-    factors = run.subcomponents()
-    gen = torch.Generator().manual_seed(stage1_cfg.seed + EXTRA_SAMPLES_SEED_OFFSET)
+    _, topk = matrix_settings(target, stage1_cfg)
+    gen = generator(stage1_cfg.seed, "group_samples")
     total = None
     reporter.start("collecting new samples", n_extra)
     done = 0
     while done < n_extra:
         n = min(chunk, n_extra - done)
-        x = spec.sample(model, n, gen)
-        scores, masks = score_inputs(model, x, factors, stage1_cfg)
+        x = target.sample(n, gen)
+        scores, masks = score_inputs(target.model, x, pieces, topk, stage1_cfg.batch_size,
+                                     stage1_cfg.max_exact_outputs, stage1_cfg.attribution_probes, gen)
         m = np.concatenate([masks[k].numpy() for k in index.names], axis=1)
         s = np.concatenate([scores[k].numpy() for k in index.names], axis=1)
         stats = coactivation_numpy(m, s)
@@ -49,7 +47,7 @@ def _extra_stats(run: Run, index: PieceIndex, n_extra: int, stage1_cfg: Stage1Co
 
 
 def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool = False,
-              reporter: Reporter | None = None) -> dict:
+              reporter: Reporter | None = None, target: Target | None = None) -> dict:
     """Group stage 1's pieces; returns the grouping's summary (also stored)."""
     reporter = reporter or SilentReporter()
     run = Run(store_path)
@@ -64,8 +62,10 @@ def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool
         reporter.message(f"grouping {name!r} already done in {store_path} (use --force to redo)")
         return info
     stage1_cfg = Stage1Config(**run.config(STAGE1))
-    factors_t = run.subcomponents()
-    factors = {n: (U.numpy(), V.numpy()) for n, (U, V) in factors_t.items()}
+    pieces_t = run.pieces()
+    if target is None:
+        target = load_from_store(run)
+    factors = {n: (U.numpy(), V.numpy()) for n, (U, V) in pieces_t.items()}
     index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in factors.items()})
     masks, scores = run.eval_dask(list(index.names))
     n_stored = masks.shape[0]
@@ -76,7 +76,7 @@ def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool
     stored_stats = coactivation_dask(masks[:stored_rows], scores[:stored_rows], scheduler=scheduler)
     stats = stored_stats
     if n_use > n_stored:
-        stats = stats.merge(_extra_stats(run, index, n_use - n_stored, stage1_cfg, cfg.chunk, reporter))
+        stats = stats.merge(_extra_stats(target, pieces_t, index, n_use - n_stored, stage1_cfg, cfg.chunk, reporter))
 
     alive = alive_pieces(stats, cfg.min_rate)
     alive_idx = np.flatnonzero(alive)
@@ -138,8 +138,15 @@ def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool
         "group_rank_histogram": {str(r): int(c) for r, c in zip(*np.unique(ranks.sum(1), return_counts=True))},
         "candidates": {m: d for d, m, *_ in results},
     }
-    if run.attrs("target").get("spec", {}).get("family") in ("tms", "resid_mlp"):
-        truth = truth_labels(run.target(), factors_t, stage1_cfg, index)
+    if target.model.identities:
+        ident = identity_mechanisms(index.split(labels), list(target.model.identities))
+        for info in ident.values():
+            g = info["mechanism"]
+            info["active_share"] = float(activity[g] / stored_rows) if g is not None else 0.0
+        summary["identity"] = ident
+    if target.has_ground_truth and target.builtin.truth_labels is not None:
+        _, topk = matrix_settings(target, stage1_cfg)
+        truth = target.builtin.truth_labels(target.model, pieces_t, topk, index.names)
         summary["scores"] = partition_scores(labels[alive], truth[alive])
     store = RunStore(store_path, run.model_name)
     store.write_grouping(name, index.split(labels), **summary)

@@ -1,6 +1,7 @@
-"""Validated, frozen configs. Defaults live here and only here: generic ones
-on the model, per-target ones in STAGE1_TARGET_DEFAULTS. A run's config is
-resolved as generic < per-target < YAML file < command-line flags."""
+"""Validated, frozen configs, one per stage: a leaf (imports nothing of
+apdkit). Generic defaults live here and only here; a built-in target brings
+its own stage-1 defaults (targets/registry.py). A run's config is resolved as
+generic < per-target < YAML file < command-line flags."""
 
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ class Stage1Config(BaseModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(False, description="torch.compile the training objective")
+    max_exact_outputs: int = Field(512, gt=0, description="exact attributions up to this many outputs per input "
+                                   "(sequence positions x output size); above it, a random-probe estimate")
+    attribution_probes: int = Field(64, gt=0, description="random probes of the attribution estimate")
 
     @field_validator("n_pieces")
     @classmethod
@@ -73,25 +77,20 @@ class Stage1Config(BaseModel):
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every ({self.log_every})")
         return self
 
-    def per_matrix(self, field: str, name: str) -> float:
+    def per_matrix(self, field: str, names: list[str], fixed: dict[str, float] | None = None) -> dict[str, float]:
+        """{matrix: value} of ``n_pieces`` or ``topk``. ``fixed`` gives values
+        for matrices a one-value setting does not cover (inserted identities:
+        as many pieces as dimensions, all active)."""
         value = getattr(self, field)
+        fixed = fixed or {}
         if isinstance(value, dict):
-            if name not in value:
-                raise ConfigError(f"config {field} has no value for matrix {name!r} (has: {', '.join(value)})")
-            return value[name]
-        return value
-
-    def check_matrices(self, names: list[str]) -> None:
-        for field in ("n_pieces", "topk"):
-            value = getattr(self, field)
-            if isinstance(value, dict):
-                unknown = set(value) - set(names)
-                missing = set(names) - set(value)
-                if unknown or missing:
-                    raise ConfigError(
-                        f"config {field} must name exactly the decomposed matrices {names}; "
-                        f"unknown {sorted(unknown)}, missing {sorted(missing)}"
-                    )
+            unknown = set(value) - set(names)
+            missing = set(names) - set(value) - set(fixed)
+            if unknown or missing:
+                raise ConfigError(f"config {field} must name the decomposed matrices {names}; "
+                                  f"unknown {sorted(unknown)}, missing {sorted(missing)}")
+            return {n: value.get(n, fixed.get(n)) for n in names}
+        return {n: fixed.get(n, value) for n in names}
 
 
 GROUPING_METHODS = ("spectral", "louvain", "leiden", "mdl", "threshold", "auto")
@@ -140,27 +139,9 @@ class VerifyConfig(BaseModel):
                                     "reproduce at least 75% of what the decomposed matrices do to the output)")
     versus_pieces_max: float = Field(1.1, gt=0, description="largest ratio of that fraction to the stage-1 pieces' own: "
                                      "grouping must not lose what the pieces reproduce")
+    identity_active_min: float = Field(0.99, gt=0, le=1, description="an inserted identity's mechanism must be "
+                                       "active on at least this share of fresh inputs")
     seed: int = 0
-
-
-STAGE1_TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tms_5-2": dict(n_pieces=10, topk=0.211, steps=2000, batch_size=2048, lr=3e-2, lr_schedule="cosine",
-                    warmup=0.05, simplicity_coeff=0.7, schatten_p=1.0),
-    "tms_5-2-id": dict(n_pieces=10, topk={"W": 0.211, "hidden": 2.0}, steps=2000, batch_size=2048, lr=3e-2,
-                       warmup=0.05, simplicity_coeff=0.7, schatten_p=1.0),
-    "tms_6-3-synced": dict(n_pieces=12, topk=0.3, steps=2000, batch_size=2048, lr=3e-2,
-                           warmup=0.05, simplicity_coeff=0.7, schatten_p=1.0),
-    "tms_40-10": dict(n_pieces=60, topk=1.0, steps=5000, batch_size=2048, lr=1e-2, warmup=0.05,
-                      minimality_coeff=10.0, simplicity_coeff=20.0, schatten_p=0.9),
-    "tms_40-10-id": dict(n_pieces=60, topk={"W": 1.0, "hidden": 10.0}, steps=5000, batch_size=2048, lr=1e-2,
-                         warmup=0.05, minimality_coeff=10.0, simplicity_coeff=20.0, schatten_p=0.9),
-    "resid_mlp": dict(n_pieces=130, topk=0.5, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
-                      faithfulness_coeff=10.0, simplicity_coeff=10.0, hidden_coeff=1.0, schatten_p=0.9),
-    "resid_mlp2": dict(n_pieces=130, topk=0.5, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
-                       faithfulness_coeff=10.0, minimality_coeff=2.0, simplicity_coeff=7.0, hidden_coeff=1.0, schatten_p=0.9),
-    "resid_mlp3": dict(n_pieces=130, topk=0.5, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
-                       faithfulness_coeff=10.0, minimality_coeff=2.0, simplicity_coeff=7.0, hidden_coeff=1.0, schatten_p=0.9),
-}
 
 
 def _one_line(err: ValidationError) -> str:
@@ -195,9 +176,10 @@ def _resolve(model: type[BaseModel], defaults: dict[str, Any], yaml_path: Path |
         raise ConfigError(_one_line(e)) from None
 
 
-def resolve_stage1(model: str, yaml_path: Path | None = None, **flags: Any) -> Stage1Config:
-    """Generic defaults < per-target defaults < YAML < flags (None = not given)."""
-    return _resolve(Stage1Config, STAGE1_TARGET_DEFAULTS.get(model, {}), yaml_path, flags)
+def resolve_stage1(target_defaults: dict[str, Any] | None = None, yaml_path: Path | None = None,
+                   **flags: Any) -> Stage1Config:
+    """Generic defaults < the target's defaults < YAML < flags (None = not given)."""
+    return _resolve(Stage1Config, target_defaults or {}, yaml_path, flags)
 
 
 def resolve_group(yaml_path: Path | None = None, **flags: Any) -> GroupConfig:

@@ -2,31 +2,33 @@
 
 r0 = W_E x, r_{l+1} = r_l + W_out^l ReLU(W_in^l r_l), y = W_E^T r_L, with W_E a
 frozen random embedding (unit-norm feature columns, a buffer, never decomposed).
-Labels y_i = x_i + ReLU(x_i). Only W_in and W_out are decomposed.
+Labels y_i = x_i + ReLU(x_i). Only the W_in and W_out Linears are decomposed;
+``layers.<l>.act`` is the hidden activation the minimality loss also matches.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 from torch import Tensor, nn
 
-from targets.base import Forward, HealthReport, LinearOp, TargetModel
-from targets.jacobians import Site
-from targets.training import fit_target
+from apdkit.core.attributions import Site
+from apdkit.core.model import Forward
+from apdkit.targets.spec import HealthReport
+from apdkit.targets.training import fit_target
 
 
 class MLPBlock(nn.Module):
     def __init__(self, d_embed: int, d_mlp: int):
         super().__init__()
-        self.W_in = nn.Parameter(torch.empty(d_mlp, d_embed))
-        self.W_out = nn.Parameter(torch.empty(d_embed, d_mlp))
-        nn.init.kaiming_uniform_(self.W_in, a=5 ** 0.5)
-        nn.init.kaiming_uniform_(self.W_out, a=5 ** 0.5)
+        self.W_in = nn.Linear(d_embed, d_mlp, bias=False)
+        self.act = nn.ReLU()
+        self.W_out = nn.Linear(d_mlp, d_embed, bias=False)
+
+    def forward(self, r: Tensor) -> Tensor:
+        return r + self.W_out(self.act(self.W_in(r)))
 
 
-class ResidMLP(TargetModel):
+class ResidMLP(nn.Module):
     def __init__(self, n_features: int = 100, d_embed: int = 1000, d_mlp: int = 50,
                  n_layers: int = 1, feature_probability: float = 0.01, embed_seed: int = 0):
         super().__init__()
@@ -38,61 +40,12 @@ class ResidMLP(TargetModel):
         W_E = torch.randn(d_embed, n_features, generator=g)
         self.register_buffer("W_E", W_E / W_E.norm(dim=0, keepdim=True))
         self.layers = nn.ModuleList(MLPBlock(d_embed, d_mlp) for _ in range(n_layers))
-        self.decomposed = tuple(
-            f"layers.{i}.{w}" for i in range(n_layers) for w in ("W_in", "W_out")
-        )
 
-    def run(self, x: Tensor, ops: Mapping[str, LinearOp]) -> Forward:
+    def forward(self, x: Tensor) -> Tensor:
         r = x @ self.W_E.T
-        hidden = {}
-        for i in range(self.n_layers):
-            m = torch.relu(ops[f"layers.{i}.W_in"](r))
-            hidden[f"layers.{i}.mlp"] = m
-            r = r + ops[f"layers.{i}.W_out"](m)
-        return Forward(r @ self.W_E, hidden)
-
-    def attribution_sites(self, x: Tensor) -> tuple[Forward, list[Site]]:
-        """Closed-form output Jacobians. y = W_E^T r_L, so dy/dr_L = W_E^T for
-        every input, and going back through a block
-            dy/dr_k = dy/dr_{k+1} + A_k W_in^k,   A_k = dy/dh_k = dy/dr_{k+1} W_out^k D_k
-        (D_k the ReLU mask). So dy/dr_{k+1} = W_E^T + sum_{j>k} A_j W_in^j and
-        every A_k is a small (batch, n_out, d_mlp) tensor built from the
-        d_mlp-sized products W_E^T W_out^k and W_in^j W_out^k: no per-sample
-        (n_out, d_embed) Jacobian is ever formed."""
-        W_E = self.W_E
-        W_in = [blk.W_in.detach() for blk in self.layers]
-        W_out = [blk.W_out.detach() for blk in self.layers]
-        r = x @ W_E.T
-        inputs, masks, hidden = [], [], {}
-        for k in range(self.n_layers):
-            h = r @ W_in[k].T
-            m = torch.relu(h)
-            inputs.append(r)
-            masks.append((h > 0).to(x.dtype))
-            hidden[f"layers.{k}.mlp"] = m
-            r = r + m @ W_out[k].T
-        fwd = Forward(r @ W_E, hidden)
-        A: list[Tensor | None] = [None] * self.n_layers  # dy/dh_k, (batch, n_out, d_mlp)
-        for k in reversed(range(self.n_layers)):
-            through = (W_E.T @ W_out[k]).expand(x.shape[0], -1, -1)
-            for j in range(k + 1, self.n_layers):
-                through = through + A[j] @ (W_in[j] @ W_out[k])
-            A[k] = through * masks[k][:, None, :]
-
-        def contract_in(P: Tensor, k: int) -> Tensor:
-            return (A[k] @ P.T).transpose(0, 1)  # (n_out, batch, C)
-
-        def contract_out(P: Tensor, k: int) -> Tensor:
-            out = (W_E.T @ P.T)[:, None, :]  # the same for every input
-            for j in range(k + 1, self.n_layers):
-                out = out + (A[j] @ (W_in[j] @ P.T)).transpose(0, 1)
-            return out
-
-        sites = []
-        for k in range(self.n_layers):
-            sites.append(Site(f"layers.{k}.W_in", inputs[k], False, lambda P, k=k: contract_in(P, k)))
-            sites.append(Site(f"layers.{k}.W_out", hidden[f"layers.{k}.mlp"], False, lambda P, k=k: contract_out(P, k)))
-        return fwd, sites
+        for block in self.layers:
+            r = block(r)
+        return r @ self.W_E
 
     def sample_inputs(self, batch: int, gen: torch.Generator) -> Tensor:
         on = torch.rand(batch, self.n_features, generator=gen) < self.feature_probability
@@ -105,6 +58,51 @@ class ResidMLP(TargetModel):
         E = p * 1/6 for x ~ U[-1, 1])."""
         exact = min(self.n_features, self.d_mlp * self.n_layers)
         return (self.n_features - exact) / self.n_features * self.feature_probability / 6.0
+
+
+def fast_sites(model: ResidMLP, x: Tensor) -> tuple[Forward, list[Site]]:
+    """Closed-form output Jacobians. y = W_E^T r_L, so dy/dr_L = W_E^T for
+    every input, and going back through a block
+        dy/dr_k = dy/dr_{k+1} + A_k W_in^k,   A_k = dy/dh_k = dy/dr_{k+1} W_out^k D_k
+    (D_k the ReLU mask). So dy/dr_{k+1} = W_E^T + sum_{j>k} A_j W_in^j and
+    every A_k is a small (batch, n_out, d_mlp) tensor built from the
+    d_mlp-sized products W_E^T W_out^k and W_in^j W_out^k: no per-sample
+    (n_out, d_embed) Jacobian is ever formed."""
+    W_E = model.W_E
+    W_in = [blk.W_in.weight.detach() for blk in model.layers]
+    W_out = [blk.W_out.weight.detach() for blk in model.layers]
+    L = model.n_layers
+    r = x @ W_E.T
+    inputs, masks, hidden = [], [], {}
+    for k in range(L):
+        h = r @ W_in[k].T
+        m = torch.relu(h)
+        inputs.append(r)
+        masks.append((h > 0).to(x.dtype))
+        hidden[f"layers.{k}.act"] = m
+        r = r + m @ W_out[k].T
+    fwd = Forward(r @ W_E, x.shape[0], hidden)
+    A: list[Tensor | None] = [None] * L  # dy/dh_k, (batch, n_out, d_mlp)
+    for k in reversed(range(L)):
+        through = (W_E.T @ W_out[k]).expand(x.shape[0], -1, -1)
+        for j in range(k + 1, L):
+            through = through + A[j] @ (W_in[j] @ W_out[k])
+        A[k] = through * masks[k][:, None, :]
+
+    def contract_in(P: Tensor, k: int) -> Tensor:
+        return (A[k] @ P.T).transpose(0, 1)  # (n_out, batch, C)
+
+    def contract_out(P: Tensor, k: int) -> Tensor:
+        out = (W_E.T @ P.T)[:, None, :]  # the same for every input
+        for j in range(k + 1, L):
+            out = out + (A[j] @ (W_in[j] @ P.T)).transpose(0, 1)
+        return out
+
+    sites = []
+    for k in range(L):
+        sites.append(Site(f"layers.{k}.W_in", "linear", inputs[k], lambda P, k=k: contract_in(P, k)))
+        sites.append(Site(f"layers.{k}.W_out", "linear", hidden[f"layers.{k}.act"], lambda P, k=k: contract_out(P, k)))
+    return fwd, sites
 
 
 def labels(x: Tensor) -> Tensor:

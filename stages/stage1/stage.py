@@ -1,0 +1,139 @@
+"""Stage 1 as a store-to-store function: target in, rank-1 pieces, their
+evaluation-set attributions and masks, metrics and scores out. Resumable from
+its checkpoint; a finished stage is kept unless ``force``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from apdkit.core.masks import score_inputs
+from apdkit.core.pieces import Pieces, pieces_sum
+from apdkit.stages.config import ConfigError, Stage1Config
+from apdkit.stages.errors import StageError
+from apdkit.stages.progress import Reporter, SilentReporter
+from apdkit.stages.seeds import generator
+from apdkit.stages.stage1.train import NonFiniteLoss, new_state, total_steps, train
+from apdkit.stages.target import Target, ensure_target, matrix_settings, prepare
+from apdkit.stores.run import STAGE1, RunStore, check_writable, iter_chunks
+from apdkit.targets.load import TargetRef
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StageError("--device cuda asked for, but torch sees no CUDA device")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: nn.Module | None = None,
+               data: Any = None, force: bool = False, target_file: Path | None = None,
+               reporter: Reporter | None = None) -> dict[str, float]:
+    """Run (or resume, or skip) stage 1; returns its scores."""
+    reporter = reporter or SilentReporter()
+    device = resolve_device(cfg.device)
+    check_writable(store_path, ref.model)  # all validation before the first write
+    if module is not None or ref.builtin is None:
+        matrix_settings(prepare(ref, module, data), cfg)
+
+    store = RunStore(store_path, ref.model)
+    target = ensure_target(store, ref, cfg.seed, module, data, target_file, reporter)
+    n_pieces, topk = matrix_settings(target, cfg)
+
+    status = store.stage_status(STAGE1)
+    if status == "done" and not force:
+        reporter.message(f"stage1 already done in {store_path} (use --force to rerun)")
+        return dict(store.stage_attrs(STAGE1).get("scores", {}))
+    checkpoint = None if force else store.load_checkpoint(STAGE1)
+    if checkpoint is not None and checkpoint["config"] != cfg.model_dump():
+        raise ConfigError(
+            f"stage1 in {store_path} was started with a different config; rerun with the same settings "
+            "to resume, or add --force to start over"
+        )
+    if force or status == "failed":
+        store.reset_stage(STAGE1)
+        checkpoint = None
+
+    model = target.model.to(device)
+    state = new_state(model, cfg, n_pieces, device, target.sample)
+    if checkpoint is not None:
+        state.load_state_dict(checkpoint["state"])
+        reporter.message(f"resuming stage1 from step {state.step}")
+    store.set_stage(STAGE1, "running", config=cfg.model_dump())
+
+    end = total_steps(cfg)
+    task = f"stage1 {ref.model}"
+    reporter.start(task, end, state.step)
+
+    def on_log(row: dict[str, float]) -> None:
+        reporter.advance(task, int(row["step"]),
+                         f"faith {row['faithfulness']:.1e} min {row['minimality']:.1e} simp {row['simplicity']:.1e}")
+
+    def on_checkpoint(s) -> None:
+        store.save_checkpoint(STAGE1, {"config": cfg.model_dump(), "state": s.state_dict()})
+
+    try:
+        train(model, target.sample, cfg, topk, state, on_log, on_checkpoint, device)
+    except NonFiniteLoss as e:
+        reporter.finish(task)
+        store.set_stage(STAGE1, "failed", message=str(e))
+        raise StageError(f"stage1 stopped: {e}; the store keeps the last good checkpoint") from None
+    reporter.finish(task)
+
+    pieces = state.pieces()
+    scores = write_evaluation(store, target, cfg, topk, pieces, device, reporter)
+    store.write_stage1_pieces(pieces)
+    store.write_stage1_metrics(state.history)
+    store.set_stage(STAGE1, "done", config=cfg.model_dump(), scores=scores,
+                    matrices={n: {"param": m.param, "uses": [u.module for u in m.uses], "shape": list(m.shape)}
+                              for n, m in target.model.matrices.items()})
+    return scores
+
+
+def write_evaluation(store: RunStore, target: Target, cfg: Stage1Config, topk: dict[str, float], pieces: Pieces,
+                     device: torch.device, reporter: Reporter) -> dict[str, float]:
+    """Score and mask a fresh evaluation set chunk by chunk (stage 2 reads
+    these), then compute the scores: generic ones, and the target's ground
+    truth where it has one."""
+    model = target.model
+    gen = generator(cfg.seed, "eval")
+    probe_gen = generator(cfg.seed, "eval", 1)
+    n_pieces = {n: U.shape[0] for n, (U, _) in pieces.items()}
+    arrays = None
+    active = {n: torch.zeros(c, dtype=torch.long) for n, c in n_pieces.items()}
+    n_rows = 0
+    reporter.start("scoring evaluation set", cfg.eval_samples)
+    for sl in iter_chunks(cfg.eval_samples, cfg.eval_chunk):
+        x = target.sample(sl.stop - sl.start, gen).to(device)
+        scores, masks = score_inputs(model, x, pieces, topk, cfg.batch_size, cfg.max_exact_outputs,
+                                     cfg.attribution_probes, probe_gen)
+        per_input = next(iter(masks.values())).shape[0] // x.shape[0]
+        if arrays is None:
+            arrays = store.create_eval_arrays(cfg.eval_samples, tuple(x.shape[1:]), str(x.dtype).replace("torch.", ""),
+                                              per_input, n_pieces, cfg.eval_chunk)
+        arrays["inputs"][sl] = x.cpu().numpy()
+        rows = slice(sl.start * per_input, sl.stop * per_input)
+        for n in pieces:
+            arrays["scores"][n][rows] = scores[n].float().cpu().numpy()
+            arrays["masks"][n][rows] = masks[n].cpu().numpy()
+            active[n] += masks[n].sum(0).cpu()
+        n_rows += x.shape[0] * per_input
+        reporter.advance("scoring evaluation set", sl.stop)
+    reporter.finish("scoring evaluation set")
+    model.to(torch.device("cpu"))
+    cpu_pieces = {n: (U.cpu(), V.cpu()) for n, (U, V) in pieces.items()}
+    out: dict[str, float] = {}
+    for name, w in model.weights().items():
+        U, V = cpu_pieces[name]
+        out[f"faithfulness_rel_error/{name}"] = float((w - pieces_sum(U, V)).norm() / w.norm())
+    out["mean_active_pieces"] = sum(int(c.sum()) for c in active.values()) / n_rows
+    for name, counts in active.items():
+        out[f"alive_pieces/{name}"] = float((counts > 0).sum())
+    spec = target.builtin
+    if target.has_ground_truth:
+        out.update(spec.scores(model, cpu_pieces, topk))
+    return out

@@ -1,0 +1,173 @@
+"""The stage-1 training loop: learn rank-1 pieces of every decomposed matrix
+with the APD objective. Data, logging and checkpointing come in as
+callbacks, so tests, the CLI and benchmarks all run the same loop.
+
+The input-side factor V is kept at unit norm by reparametrisation
+(V = V_raw / |V_raw|), so each piece's one singular value is |U[c]|.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+from torch import Tensor
+
+from apdkit.core.attributions import no_timer
+from apdkit.core.model import DecomposedModel
+from apdkit.core.pieces import init_from_data, init_random, unit_rows
+from apdkit.stages.config import Stage1Config
+from apdkit.stages.seeds import generator
+from apdkit.stages.stage1.objective import LOSS_NAMES, faithfulness_loss, objective
+from apdkit.targets.training import cosine_lr
+
+Sampler = Callable[[int, torch.Generator], Tensor]
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int):
+        super().__init__(f"loss became NaN or infinite by step {step}; try a lower lr")
+        self.step = step
+
+
+@dataclass
+class DecompositionState:
+    """Everything a resumed run needs to continue bit for bit."""
+
+    U: dict[str, torch.nn.Parameter]
+    V_raw: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    data_gen: torch.Generator
+    step: int = 0  # steps done, warm start included
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def pieces(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Detached (U, V) with V at unit norm: piece c is outer(U[c], V[c])."""
+        return {n: (self.U[n].detach(), unit_rows(self.V_raw[n]).detach()) for n in self.U}
+
+    def state_dict(self) -> dict:
+        """Tensors and plain types only (loadable with weights_only=True)."""
+        return {
+            "U": {n: p.detach().cpu() for n, p in self.U.items()},
+            "V_raw": {n: p.detach().cpu() for n, p in self.V_raw.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "data_gen": self.data_gen.get_state(),
+            "step": self.step,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        with torch.no_grad():
+            for n in self.U:
+                self.U[n].copy_(sd["U"][n])
+                self.V_raw[n].copy_(sd["V_raw"][n])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.data_gen.set_state(sd["data_gen"])
+        self.step = int(sd["step"])
+        self.history = list(sd["history"])
+
+
+def new_state(model: DecomposedModel, cfg: Stage1Config, n_pieces: dict[str, int], device: torch.device,
+              sample: Sampler) -> DecompositionState:
+    """Fresh pieces and optimizer; ``sample`` draws inputs for the data-driven init."""
+    init_gen = generator(cfg.seed, "init")
+    U, V = {}, {}
+    acts: dict[str, Tensor] = {}
+    if cfg.init == "data":
+        x = sample(4 * max(cfg.batch_size, 1024), init_gen).to(device)
+        acts = {n: a.float().cpu() for n, a in model.input_activations(x).items() if a.is_floating_point()}
+    for name, w in model.weights().items():
+        w = w.float().cpu()
+        if name in acts:
+            u, v = init_from_data(w, acts[name], n_pieces[name], init_gen)
+        else:
+            u, v = init_random(w, n_pieces[name], init_gen)
+        U[name] = torch.nn.Parameter(u.to(device))
+        V[name] = torch.nn.Parameter(v.to(device))
+    opt = torch.optim.Adam([*U.values(), *V.values()], lr=cfg.lr)
+    return DecompositionState(U, V, opt, generator(cfg.seed, "data"))
+
+
+def total_steps(cfg: Stage1Config) -> int:
+    return cfg.warm_start_steps + cfg.steps
+
+
+def lr_at(cfg: Stage1Config, step: int) -> float:
+    if step < cfg.warm_start_steps:
+        return cfg.lr
+    s = step - cfg.warm_start_steps
+    return cfg.lr * cosine_lr(s, cfg.steps, int(cfg.warmup * cfg.steps), cfg.lr_schedule)
+
+
+def simplicity_weight_at(cfg: Stage1Config, step: int) -> float:
+    """1 until ``simplicity_anneal_from`` of the main phase, then linear to
+    ``simplicity_final`` at its last step."""
+    progress = min(1.0, max(0, step - cfg.warm_start_steps) / max(1, cfg.steps - 1))
+    start = cfg.simplicity_anneal_from
+    if progress <= start:
+        return 1.0
+    return 1.0 + (cfg.simplicity_final - 1.0) * (progress - start) / max(1e-9, 1.0 - start)
+
+
+def coefficients(cfg: Stage1Config) -> dict[str, float]:
+    return {"faithfulness": cfg.faithfulness_coeff, "minimality": cfg.minimality_coeff,
+            "hidden": cfg.hidden_coeff, "simplicity": cfg.simplicity_coeff}
+
+
+def train(
+    model: DecomposedModel,
+    sample: Sampler,
+    cfg: Stage1Config,
+    topk: dict[str, float],
+    state: DecompositionState,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[DecompositionState], None] | None = None,
+    device: torch.device = torch.device("cpu"),
+    timer: Callable[[str], ContextManager] = no_timer,
+) -> DecompositionState:
+    """Run from ``state.step`` to the end. Host syncs happen only every
+    ``log_every`` steps (metrics) and at checkpoints."""
+    weights = {n: w.to(device) for n, w in model.weights().items()}
+    loss_fn = torch.compile(objective) if cfg.compile else objective
+    coeffs = coefficients(cfg)
+    end = total_steps(cfg)
+    running = {k: torch.zeros((), device=device) for k in LOSS_NAMES}
+    since_log = 0
+    while state.step < end:
+        step = state.step
+        for g in state.optimizer.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        V = {n: unit_rows(v) for n, v in state.V_raw.items()}
+        if step < cfg.warm_start_steps:
+            faith = faithfulness_loss(weights, state.U, V)
+            losses = {k: torch.zeros((), device=device) for k in LOSS_NAMES}
+            losses["total"] = losses["faithfulness"] = faith
+        else:
+            x = sample(cfg.batch_size, state.data_gen).to(device)
+            losses = loss_fn(model, x, weights, state.U, V, topk, coeffs, cfg.schatten_p,
+                             simplicity_weight_at(cfg, step), cfg.max_exact_outputs, cfg.attribution_probes,
+                             state.data_gen, timer)
+        state.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        state.optimizer.step()
+        for k in LOSS_NAMES:
+            running[k] += losses[k].detach()
+        since_log += 1
+        state.step += 1
+        if state.step % cfg.log_every == 0 or state.step == end:
+            row = {k: float(v) / since_log for k, v in running.items()}
+            if not all(math.isfinite(v) for v in row.values()):
+                raise NonFiniteLoss(state.step)
+            row = {"step": float(state.step), "lr": lr_at(cfg, step), **row}
+            state.history.append(row)
+            if on_log is not None:
+                on_log(row)
+            running = {k: torch.zeros((), device=device) for k in LOSS_NAMES}
+            since_log = 0
+        if on_checkpoint is not None and (state.step % cfg.checkpoint_every == 0 or state.step == end):
+            if not all(torch.isfinite(p).all() for p in [*state.U.values(), *state.V_raw.values()]):
+                raise NonFiniteLoss(state.step)
+            on_checkpoint(state)
+    return state

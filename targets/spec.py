@@ -1,0 +1,47 @@
+"""What the pipeline knows about a built-in target: an ordinary nn.Module
+factory plus its data, training recipe, health check, which layers are
+decomposed, and (optionally) a closed-form attribution path, ground-truth
+scores and report figures. Each toy's folder builds one of these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    healthy: bool
+    summary: str
+    figures: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """``arch`` holds the factory's arguments (JSON-able), so a stored spec
+    rebuilds the module; ``train`` is the target-training recipe; ``stage1``
+    the toy's stage-1 defaults (over the generic ones)."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    arch: dict[str, Any]
+    train: dict[str, Any]
+    sample: Callable[[nn.Module, int, torch.Generator], Tensor]
+    fit: Callable[[nn.Module, dict, torch.Generator, Callable[[int, float], None] | None], float]
+    check: Callable[[nn.Module, torch.Generator], HealthReport]
+    modules: tuple[str, ...]
+    output: str | None = None
+    hidden: tuple[str, ...] = ()
+    stage1: dict[str, Any] = field(default_factory=dict)
+    fast_sites: Callable | None = None
+    # Ground truth, for toys that have one (see targets/tms/scoring.py):
+    # scores(model, pieces, topk) -> {name: float}; truth_labels(model, pieces, topk, names) -> labels
+    scores: Callable | None = None
+    truth_labels: Callable | None = None
+    figures: Callable | None = None  # figures(model, pieces, labels, n_groups) -> [(title, html)]
+
+    def make(self) -> nn.Module:
+        return self.build(**self.arch)
