@@ -117,28 +117,30 @@ def load_state_file(spec: TargetSpec, path: Path) -> nn.Module:
 
 
 def ensure_target(store: RunStore, ref: TargetRef, seed: int, module: nn.Module | None = None, data: Any = None,
-                  target_file: Path | None = None, reporter: Reporter | None = None) -> Target:
-    """The store's target, putting one there first if it has none: the
-    user's module (as given, or from ``target_file``) or a built-in trained here."""
+                  source: str = "given", reporter: Reporter | None = None) -> Target:
+    """The store's target, putting one there first if it has none: ``module``
+    (a user's, or a built-in architecture's from a state_dict file; ``source``
+    says which) or a built-in trained here from the seed."""
     reporter = reporter or SilentReporter()
     if store.stage_status(TARGET) == "done":
-        if target_file is not None:
-            raise StageError(f"{store.path} already holds a target; use a new --store for {target_file}")
-        return load_from_store(Run(store.path), module=module, data=data)
+        run = Run(store.path)
+        if module is not None and source != ref.model:  # a module object or file, not rebuilt from the reference
+            stored = run.target_state()
+            if any(not torch.equal(v.cpu(), stored[k]) for k, v in module.state_dict().items() if k in stored):
+                raise StageError(f"{store.path} already holds a different target ({run.attrs(TARGET).get('source')}); "
+                                 "use a new --store")
+        return load_from_store(run, module=module, data=data)
     spec = ref.builtin
-    if target_file is not None:
-        module = load_state_file(spec, target_file)
-        info: dict[str, Any] = {"seed": seed, "source": str(target_file)}
-    elif module is None and spec is not None:
+    if module is None:
         module, info = train_builtin(spec, seed, reporter)
     else:
-        info = {"seed": seed, "source": "given"}
+        info = {"seed": seed, "source": source}
     target = prepare(ref, module, data)
     if spec is not None:
         health = spec.check(target.module, torch.Generator().manual_seed(seed))
         info.update(health=health.figures, healthy=health.healthy)
         reporter.message(f"target {spec.name}: {health.summary}")
-    store.write_target(ref.as_dict(), {k: v for k, v in target.module.state_dict().items()},
+    store.write_target(ref.as_dict(), dict(target.module.state_dict()),
                        arch=dict(spec.arch) if spec is not None else {}, **info)
     return target
 

@@ -17,9 +17,9 @@ from apdkit.stages.errors import StageError
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
 from apdkit.stages.stage1.train import NonFiniteLoss, new_state, total_steps, train
-from apdkit.stages.target import Target, ensure_target, matrix_settings, prepare
+from apdkit.stages.target import Target, ensure_target, load_state_file, matrix_settings, prepare
 from apdkit.stores.run import STAGE1, RunStore, check_writable, iter_chunks
-from apdkit.targets.load import TargetRef
+from apdkit.targets.load import TargetRef, build_module
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,13 +35,21 @@ def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: n
                reporter: Reporter | None = None) -> dict[str, float]:
     """Run (or resume, or skip) stage 1; returns its scores."""
     reporter = reporter or SilentReporter()
+    # all validation before the first write: device, store, model, layers, data, settings
     device = resolve_device(cfg.device)
-    check_writable(store_path, ref.model)  # all validation before the first write
-    if module is not None or ref.builtin is None:
-        matrix_settings(prepare(ref, module, data), cfg)
+    check_writable(store_path, ref.model)
+    source = "given"
+    if target_file is not None:
+        if ref.builtin is None:
+            raise StageError("--target-file is a state_dict for a built-in architecture; "
+                             "for your own model, name its factory with --model module:function")
+        module, source = load_state_file(ref.builtin, target_file), str(target_file)
+    elif module is None and ref.builtin is None:
+        module, source = build_module(ref), ref.model
+    matrix_settings(prepare(ref, module if module is not None else ref.builtin.make(), data), cfg)
 
     store = RunStore(store_path, ref.model)
-    target = ensure_target(store, ref, cfg.seed, module, data, target_file, reporter)
+    target = ensure_target(store, ref, cfg.seed, module, data, source, reporter)
     n_pieces, topk = matrix_settings(target, cfg)
 
     status = store.stage_status(STAGE1)
