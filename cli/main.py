@@ -33,7 +33,7 @@ app = typer.Typer(
         "Attribution-based Parameter Decomposition.\n\n"
         "Workflow: `apd run --model tms_5-2` does everything into runs/tms_5-2.zarr; or stage by stage: "
         "`apd stage1 --model tms_5-2` trains the target (cached in the store) and learns rank-1 "
-        "subcomponents of its weights; `apd group --model tms_5-2` groups them into mechanisms; "
+        "pieces of its weights; `apd group --model tms_5-2` groups them into mechanisms; "
         "`apd verify --model tms_5-2` re-checks the mechanisms; `apd status runs/tms_5-2.zarr` shows what a store holds. "
         f"Built-in targets: {', '.join(TARGETS)}. Your own model: --model mypkg.models:build --data mypkg.data:sample "
         "--modules 'blocks.*.mlp.*' (or hf:NAME, or a target YAML)."
@@ -47,9 +47,19 @@ console = Console()
 VERBOSE = {"on": False}  # set by the -v option on the app, read when a reporter is made
 
 
+def _version(show: bool) -> None:
+    if show:
+        from apdkit.stores.run import APD_VERSION
+
+        print(f"apdkit {APD_VERSION}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="log details (target health, "
-                                          "resume points, training metrics) besides the progress bars")) -> None:
+                                          "resume points, training metrics) besides the progress bars"),
+             version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")) -> None:
     VERBOSE["on"] = verbose
 
 
@@ -268,6 +278,7 @@ def run_all(
     steps: Optional[int] = typer.Option(None, help="stage-1 training steps (after the warm start)"),
     seed: Optional[int] = typer.Option(None, help="seed for target training, data and init"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    force: bool = typer.Option(False, help="rerun every stage from scratch (the target is kept)"),
     as_json: bool = typer.Option(False, "--json", help="print the verify result as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
@@ -283,7 +294,7 @@ def run_all(
         grp = resolve_group(None, method=method)
         ver = resolve_verify(None)
         with reporter(quiet or as_json) as rep:
-            result = run_pipeline(path, ref, s1, grp, ver, rep)
+            result = run_pipeline(path, ref, s1, grp, ver, rep, force=force)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -293,30 +304,42 @@ def run_all(
 
 @app.command()
 def report(
-    store: Path = typer.Argument(..., help="run directory"),
+    store_arg: Optional[Path] = typer.Argument(None, metavar="[STORE]", help="run directory (or --store)"),
+    store: Optional[Path] = typer.Option(None, help="run directory (default: the only store in runs/)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="find the store as runs/<model>.zarr"),
     out: Optional[Path] = typer.Option(None, help="HTML file to write (default: <store>/report.html)"),
     method: Optional[str] = typer.Option(None, "--method", help="grouping to show (default: the first)"),
 ) -> None:
     """Write a self-contained HTML page with figures about a run."""
     from apdkit.report.html import write_report
 
-    with user_errors(store):
-        path = write_report(store, out or store / "report.html", method)
-    console.print(f"wrote {path}")
+    path = _find_store(store or store_arg, model)
+    with user_errors(path):
+        written = write_report(path, out or path / "report.html", method)
+    console.print(Text(f"wrote {written}"))
 
 
 @app.command()
-def status(store: Path = typer.Argument(..., help="run directory")) -> None:
+def status(
+    store_arg: Optional[Path] = typer.Argument(None, metavar="[STORE]", help="run directory (or --store)"),
+    store: Optional[Path] = typer.Option(None, help="run directory (default: the only store in runs/)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="find the store as runs/<model>.zarr"),
+    as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
+) -> None:
     """Show what a store holds: each stage's state and key figures."""
     from apdkit.pipeline.status import store_status
 
-    with user_errors(store):
-        rows = store_status(store)
-    table = Table(title=f"{store}")
+    path = _find_store(store or store_arg, model)
+    with user_errors(path):
+        rows = store_status(path)
+    if as_json:
+        print(json.dumps([{"stage": r[0], "status": r[1], "detail": r[2]} for r in rows], indent=2))
+        return
+    table = Table(title=Text(str(path)))
     for col in ("stage", "status", "detail"):
         table.add_column(col)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(str(c)) for c in row))
     console.print(table)
 
 

@@ -212,7 +212,6 @@ class DecomposedModel:
         self.hidden_modules = [n for n, _ in match_modules(module, hidden)] if hidden else []
         self._pass: _Pass | None = None
         self._handles: list = []
-        self._install_hooks()
 
     # -- description --------------------------------------------------------
     @property
@@ -232,7 +231,8 @@ class DecomposedModel:
                          for n, m in self.matrices.items()}
         return self
 
-    # -- hooks --------------------------------------------------------------
+    # -- hooks: installed for one pass, removed after it (the user's module
+    # keeps no trace of apd between passes) -----------------------------------
     def _install_hooks(self) -> None:
         mods = dict(self.module.named_modules())
         for m in self.matrices.values():
@@ -244,7 +244,7 @@ class DecomposedModel:
         for name in self.hidden_modules:
             self._handles.append(mods[name].register_forward_hook(self._hidden_hook(name)))
 
-    def remove_hooks(self) -> None:
+    def _remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -274,8 +274,6 @@ class DecomposedModel:
     def _use_hook(self, name: str, use: Use):
         def hook(mod: nn.Module, args, output):
             p = self._pass
-            if p is None:
-                return None
             a = args[0]
             rows = self._rows(use, a)
             if p.record is not None:
@@ -297,20 +295,17 @@ class DecomposedModel:
             p = self._pass
             a = args[0]
             rows = self._rows(use, a)
-            if p is not None and p.record is not None:
+            if p.record is not None:
                 p.record.append((name, use, rows))
             ident = self._weights[name]
-            if p is None:
-                new = rows @ ident.T
-            else:
-                new = self._pieces_out(name, use, rows, lambda: rows @ ident.T)
+            new = self._pieces_out(name, use, rows, lambda: rows @ ident.T)
             return (new.reshape(a.shape), *args[1:])
         return hook
 
     def _hidden_hook(self, name: str):
         def hook(mod, args, output):
             p = self._pass
-            if p is not None and p.hidden is not None:
+            if p.hidden is not None:
                 p.hidden[name] = output.reshape(-1, output.shape[-1])
         return hook
 
@@ -319,9 +314,11 @@ class DecomposedModel:
         if self._pass is not None:
             raise RuntimeError("DecomposedModel passes do not nest")
         self._pass = p
+        self._install_hooks()
         try:
             yield p
         finally:
+            self._remove_hooks()
             self._pass = None
 
     # -- forward passes -----------------------------------------------------
@@ -334,7 +331,8 @@ class DecomposedModel:
         return Forward(rows, int(out.shape[0]), dict(p.hidden or {}))
 
     def forward(self, x: Tensor, hidden: bool = False) -> Forward:
-        """The target itself (inserted identities are exact, so unchanged)."""
+        """The target itself (inserted identities are exact, so unchanged).
+        Calling the module directly gives the same output."""
         return self._call(x, _Pass(hidden={} if hidden else None))
 
     def run(self, x: Tensor, pieces: Mapping[str, tuple[Tensor, Tensor]], masks: Mapping[str, Tensor | None],

@@ -20,16 +20,17 @@ from apdkit.targets.load import TargetRef
 
 def run_pipeline(store_path: Path, ref: TargetRef, stage1_cfg: Stage1Config, group_cfg: GroupConfig,
                  verify_cfg: VerifyConfig, reporter: Reporter | None = None, module: nn.Module | None = None,
-                 data: Any = None) -> dict:
-    """Returns the verify result of the pipeline's grouping."""
+                 data: Any = None, force: bool = False) -> dict:
+    """Returns the verify result of the pipeline's grouping. ``force`` reruns
+    every stage (the target is kept)."""
     reporter = reporter or SilentReporter()
-    run_stage1(store_path, ref, stage1_cfg, module=module, data=data, reporter=reporter)
+    run_stage1(store_path, ref, stage1_cfg, module=module, data=data, force=force, reporter=reporter)
     target = load_from_store(Run(store_path), module=module, data=data)
-    run_group(store_path, group_cfg, reporter=reporter, target=target)
+    run_group(store_path, group_cfg, reporter=reporter, target=target, force=force)
     name = group_cfg.grouping_name
     verify_cfg = verify_cfg.model_copy(update={"grouping": name})
     previous = Run(store_path).verification(name)
-    if previous is not None and previous.get("config") == verify_cfg.model_dump():
+    if not force and previous is not None and previous.get("config") == verify_cfg.model_dump():
         reporter.message(f"verify of {name!r} already done")
         return previous
     return run_verify(store_path, verify_cfg, reporter=reporter, target=target)

@@ -7,19 +7,26 @@ from pathlib import Path
 from apdkit.stores.run import STAGE1, STAGES, TARGET, Run
 
 
+def _took(attrs: dict) -> str:
+    return f" in {attrs['wall_seconds']:.1f}s" if "wall_seconds" in attrs else ""
+
+
 def store_status(path: Path) -> list[tuple[str, str, str]]:
     run = Run(path)
-    rows = []
+    prov = run.provenance()
+    rows = [("provenance", "", ", ".join(f"{k} {v}" for k, v in prov.items() if v is not None))] if prov else []
     for stage in STAGES:
         status = run.status(stage)
         attrs = run.attrs(stage)
         detail = ""
         if stage == TARGET and status == "done":
-            detail = f"{attrs['ref']['model']} ({attrs.get('source')}, seed {attrs.get('seed')})"
+            detail = (f"{attrs['ref']['model']} ({attrs.get('source')}, seed {attrs.get('seed')}), "
+                      f"weights sha256 {attrs.get('weights_sha256', '?')[:16]}")
         elif stage == STAGE1 and status == "done":
             scores = attrs.get("scores", {})
             keys = [k for k in scores if k.startswith(("tms/mmcs", "tms/grouped_ml2r", "resid/dedicated", "faithfulness"))]
             detail = ", ".join(f"{k} {scores[k]:.4g}" for k in keys)
+            detail += f"; seed {attrs.get('config', {}).get('seed')}, {attrs.get('device', '?')}{_took(attrs)}"
         elif stage == STAGE1 and status in ("running", "failed"):
             detail = attrs.get("message", "")
             step = run.checkpoint_step(STAGE1)
@@ -31,9 +38,9 @@ def store_status(path: Path) -> list[tuple[str, str, str]]:
         detail = f"{info['method']}: {info['n_groups']} mechanisms, DL/input {info['description_length_per_input']:.3f}"
         if "scores" in info:
             detail += f", ARI {info['scores']['ari']:.3f}"
-        rows.append((f"group {name}", "done", detail))
+        rows.append((f"group {name}", "done", detail + _took(info)))
         ver = run.verification(name)
         if ver is not None:
             verdicts = ", ".join(f"{c} {'pass' if b['passed'] else 'FAIL'}" for c, b in ver["checks"].items())
-            rows.append((f"verify {name}", "passed" if ver["passed"] else "failed", verdicts))
+            rows.append((f"verify {name}", "passed" if ver["passed"] else "failed", verdicts + _took(ver)))
     return rows

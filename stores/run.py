@@ -11,6 +11,8 @@ import io
 import json
 import os
 import shutil
+import sys
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -41,8 +43,41 @@ GROUPINGS = "groupings"  # <name>/ attrs: status, config, method, n_groups, rank
 GROUPING_LABELS = "labels"  # groupings/<name>/labels/<matrix> (C,) int32, -1 = dead
 VERIFY = "verify"  # <grouping>/ attrs: status, passed, checks (figures and verdicts), config
 CHECKPOINTS = "checkpoints"  # plain files, written to a temporary name then renamed
+LOCK = ".apd.lock"  # held (flock) by the one process writing the store
+LOCK_OWNER = ".apd.lock.owner"  # pid and command line of that process
+
+PROVENANCE = "provenance"  # root attrs: versions, git commit, command line, creation time
 
 STAGES = ("target", "stage1")
+
+
+def provenance() -> dict[str, Any]:
+    """Where a store came from: package and torch versions, the source's git
+    commit when it runs from a checkout, the command line, the time."""
+    import datetime
+    import platform
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"apdkit_version": APD_VERSION, "torch_version": torch.__version__, "python": platform.python_version(),
+            "git_commit": commit, "command": " ".join(sys.argv)[:500],
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def weights_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over a state_dict's names, shapes, dtypes and bytes, in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 class StoreError(Exception):
@@ -79,7 +114,7 @@ def check_writable(path: Path, model: str) -> None:
             raise StoreError(f"{path} exists and is not a directory: not an apd store")
         if _is_apd_store(path):
             _check_identity(json.loads((path / "zarr.json").read_text())["attributes"], path, model)
-        elif any(path.iterdir()):
+        elif any(p.name not in (LOCK, LOCK_OWNER) for p in path.iterdir()):
             raise StoreError(f"{path} is a non-empty directory that is not an apd store: refusing to write there")
         if not os.access(path, os.W_OK | os.X_OK):
             raise StoreError(f"{path} is not writable")
@@ -91,6 +126,50 @@ def check_writable(path: Path, model: str) -> None:
             raise StoreError(f"cannot create {path}: {parent} is not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise StoreError(f"cannot create {path}: {parent} is not writable")
+
+
+_HELD: dict[str, list] = {}  # store path -> [FileLock, depth]: re-entrant within a process
+
+
+@contextmanager
+def writer_lock(path: Path, create: bool = False):
+    """One writer at a time. An OS file lock in the store, released by the OS
+    when the process dies (kill -9 never leaves it stuck); a second writer is
+    refused at once, naming the process that holds it. ``create``: make the
+    store's directory (stage 1, after every check passed)."""
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    elif not _is_apd_store(path):
+        raise StoreError(f"{path} is not an apd store")
+    lock = FileLock(str(path / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            owner = (path / LOCK_OWNER).read_text().strip()
+        except OSError:
+            owner = "unknown"
+        raise StoreError(f"{path} is being written by another apd process ({owner}); "
+                         "wait for it to finish, or stop it") from None
+    (path / LOCK_OWNER).write_text(f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}")
+    _HELD[key] = [lock, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        (path / LOCK_OWNER).unlink(missing_ok=True)
+        lock.release()
 
 
 def checkpoint_file(run_path: Path, stage: str) -> Path:
@@ -125,7 +204,8 @@ class RunStore:
         check_writable(self.path, model)
         self.root = zarr.open_group(str(self.path), mode="a")
         if ROOT_ATTR not in self.root.attrs:
-            self.root.attrs[ROOT_ATTR] = {"format": FORMAT_VERSION, "apd_version": APD_VERSION, "model": model}
+            _set_attrs(self.root, {ROOT_ATTR: {"format": FORMAT_VERSION, "apd_version": APD_VERSION, "model": model},
+                                   PROVENANCE: provenance()})
         self.model = model
 
     # -- stage status -------------------------------------------------------
@@ -154,8 +234,10 @@ class RunStore:
     def write_target(self, ref: Mapping[str, Any], state: Mapping[str, torch.Tensor], **attrs: Any) -> None:
         group = self.root.require_group(TARGET_STATE)
         for name, tensor in state.items():
-            group.create_array(name, data=_tensor_to_numpy(tensor), overwrite=True)
-        self.set_stage(TARGET, "done", ref=dict(ref), **attrs)
+            data = _tensor_to_numpy(tensor)
+            group.create_array(name, data=data, overwrite=True,
+                               dimension_names=[f"{name}.dim_{i}" for i in range(data.ndim)])
+        self.set_stage(TARGET, "done", ref=dict(ref), weights_sha256=weights_hash(state), **attrs)
 
     # -- stage 2 ------------------------------------------------------------
     def write_grouping(self, name: str, labels: Mapping[str, np.ndarray], **attrs: Any) -> None:
@@ -164,7 +246,8 @@ class RunStore:
         _set_attrs(group, {STAGE_STATUS_ATTR: "running"})
         lab = group.require_group(GROUPING_LABELS)
         for param, values in labels.items():
-            lab.create_array(param, data=np.asarray(values, dtype=np.int32), overwrite=True)
+            lab.create_array(param, data=np.asarray(values, dtype=np.int32), overwrite=True,
+                             dimension_names=[piece_dim(param, {len(v) for v in labels.values()})])
         _set_attrs(group, {STAGE_STATUS_ATTR: "done", **attrs})
 
     # -- stage 3 ------------------------------------------------------------
@@ -200,32 +283,45 @@ class RunStore:
         group = self.root.require_group(STAGE1_PIECES)
         for name, (U, V) in pieces.items():
             sub = group.require_group(name)
-            sub.create_array("U", data=_tensor_to_numpy(U).astype(np.float32), overwrite=True)
-            sub.create_array("V", data=_tensor_to_numpy(V).astype(np.float32), overwrite=True)
+            sub.create_array("U", data=_tensor_to_numpy(U).astype(np.float32), overwrite=True,
+                             dimension_names=["piece", "d_out"])
+            sub.create_array("V", data=_tensor_to_numpy(V).astype(np.float32), overwrite=True,
+                             dimension_names=["piece", "d_in"])
 
     def write_stage1_metrics(self, history: list[dict[str, float]]) -> None:
         group = self.root.require_group(STAGE1_METRICS)
         if not history:
             return
         for key in history[0]:
-            group.create_array(key, data=np.array([row[key] for row in history], dtype=np.float64), overwrite=True)
+            group.create_array(key, data=np.array([row[key] for row in history], dtype=np.float64), overwrite=True,
+                               dimension_names=["log"])
 
     def create_eval_arrays(self, n: int, input_shape: tuple[int, ...], input_dtype: str, rows_per_input: int,
                            n_pieces: Mapping[str, int], chunk: int) -> dict:
         """Empty evaluation arrays, chunked along inputs (masks and scores:
         ``rows_per_input`` rows per input, one per position); filled by slices."""
         inputs = self.root.require_group(STAGE1_EVAL).create_array(
-            "inputs", shape=(n, *input_shape), chunks=(chunk, *input_shape), dtype=input_dtype, overwrite=True)
+            "inputs", shape=(n, *input_shape), chunks=(chunk, *input_shape), dtype=input_dtype, overwrite=True,
+            dimension_names=["sample", *(f"input_dim_{i + 1}" for i in range(len(input_shape)))])
         scores = self.root.require_group(STAGE1_EVAL_SCORES)
         masks = self.root.require_group(STAGE1_EVAL_MASKS)
         rows, row_chunk = n * rows_per_input, chunk * rows_per_input
+        sizes = set(n_pieces.values())
         return {
             "inputs": inputs,
             "scores": {k: scores.create_array(k, shape=(rows, c), chunks=(row_chunk, c), dtype="float32",
-                                              overwrite=True) for k, c in n_pieces.items()},
-            "masks": {k: masks.create_array(k, shape=(rows, c), chunks=(row_chunk, c), dtype="bool", overwrite=True)
+                                              overwrite=True, dimension_names=["row", piece_dim(k, sizes)])
+                       for k, c in n_pieces.items()},
+            "masks": {k: masks.create_array(k, shape=(rows, c), chunks=(row_chunk, c), dtype="bool", overwrite=True,
+                                            dimension_names=["row", piece_dim(k, sizes)])
                       for k, c in n_pieces.items()},
         }
+
+
+def piece_dim(matrix: str, sizes: set[int]) -> str:
+    """The pieces' dimension name: "piece" when every matrix has as many (so
+    xarray can line them up), else one per matrix."""
+    return "piece" if len(sizes) == 1 else f"piece.{matrix}"
 
 
 def grouping_path(name: str) -> str:
@@ -245,6 +341,9 @@ class Run:
     @property
     def model_name(self) -> str:
         return self.root.attrs[ROOT_ATTR]["model"]
+
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.root.attrs.get(PROVENANCE, {}))
 
     def status(self, stage: str) -> str:
         return self.root[stage].attrs.get(STAGE_STATUS_ATTR, "absent") if stage in self.root else "absent"

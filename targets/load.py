@@ -94,6 +94,10 @@ def resolve_ref(model: str, modules=(), output=None, hidden=(), insert_identity=
                          tuple(hidden) or spec.hidden, tuple(insert_identity), None)
     if not modules:
         raise TargetError(f"{model}: name the layers to decompose with --modules PATTERN (e.g. 'blocks.*.mlp.*')")
+    if data is not None and str(data).endswith((".pt", ".npy")):
+        data = str(Path(data).resolve())  # the store must find it again from anywhere
+    if model.startswith("hf:") and Path(model[3:]).exists():
+        model = "hf:" + str(Path(model[3:]).resolve())
     return TargetRef(model, dict(kwargs or {}), tuple(modules), output, tuple(hidden), tuple(insert_identity), data)
 
 

@@ -1,4 +1,4 @@
-"""Target training: one small loop shared by every target family."""
+"""Target training: one small loop shared by the built-in toys."""
 
 from __future__ import annotations
 

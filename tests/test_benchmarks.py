@@ -20,3 +20,10 @@ def test_coactivation_benchmark_runs_small(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "counts identical: True" in done.stdout
+
+
+def test_gpt_benchmark_runs_quick():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpt_bench.py"), "--quick"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "top-k agreement" in done.stdout and "stage-1 step" in done.stdout

@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from apdkit.cli.main import app
+from tests.helpers import store_tree
 from apdkit import open_run
 
 runner = CliRunner()
@@ -50,12 +51,9 @@ def test_more_samples_than_stored(id_store):
     assert info["scores"]["ari"] >= 0.95
 
 
-def _tree(path):
-    return sorted((str(p.relative_to(path)), p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file())
-
 
 def test_bad_input(id_store, tms_store):
-    before = _tree(id_store)
+    before = store_tree(id_store)
     for args, message in [
         (["--store", id_store, "--method", "kmeans"], "method: Input should be"),
         (["--store", id_store, "--n-groups", "500", "--name", "fresh"], "more than the 17 alive pieces"),
@@ -65,9 +63,9 @@ def test_bad_input(id_store, tms_store):
         result = apd("group", *args, "-q")
         assert result.exit_code == 2, result.output
         assert message in result.output and result.output.strip().count("\n") == 0
-    assert _tree(id_store) == before
+    assert store_tree(id_store) == before
     # a store with a target but no finished stage 1
-    before = _tree(tms_store)
+    before = store_tree(tms_store)
     result = apd("group", "--store", tms_store, "-q")
     assert result.exit_code == 2 and "no finished stage 1" in result.output
-    assert _tree(tms_store) == before
+    assert store_tree(tms_store) == before

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from apdkit.cli.main import app
+from tests.helpers import store_tree
 from apdkit.stages.config import resolve_stage1
 from apdkit.targets.load import resolve_ref
 from apdkit.targets.registry import TARGETS
@@ -133,10 +134,6 @@ def test_finished_stage_is_not_rerun_without_force(tms_store, tmp_path):
     assert not torch.equal(open_run(tms_store).pieces()["W"][0], before)
 
 
-def _tree(path):
-    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in path.rglob("*") if p.is_file())
-
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "tms_9-9"], "unknown model 'tms_9-9'"),
@@ -145,7 +142,7 @@ def _tree(path):
     (["--model", "tms_5-2", "--device", "cuda"], None),
 ])
 def test_bad_input_is_one_line_error_and_store_untouched(tms_store, args, message):
-    before = _tree(tms_store)
+    before = store_tree(tms_store)
     result = apd("stage1", *args, "--store", tms_store, "-q")
     if message is None:  # cuda: fine where there is one
         if torch.cuda.is_available():
@@ -154,7 +151,7 @@ def test_bad_input_is_one_line_error_and_store_untouched(tms_store, args, messag
     assert result.exit_code == 2
     assert message in result.output
     assert result.output.strip().count("\n") == 0
-    assert _tree(tms_store) == before
+    assert store_tree(tms_store) == before
 
 
 def test_foreign_directory_is_refused(tmp_path):

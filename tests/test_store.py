@@ -63,3 +63,95 @@ def test_reading_an_unfinished_stage_is_a_clear_error(tmp_path):
     RunStore(tmp_path / "run.zarr", "tms_5-2")
     with pytest.raises(StoreError, match="stage1 is absent, not done"):
         open_run(tmp_path / "run.zarr").pieces()
+
+
+class _Payload:
+    """Unpickling this runs code: a checkpoint must never be loaded so."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_pickle_checkpoint_is_refused_and_runs_nothing(tms_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from apdkit.cli.main import app
+
+    marker = tmp_path / "pwned"
+    ckpt = tms_store / "checkpoints" / "stage1.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": {}, "state": {"step": 1, "x": _Payload(marker)}}, ckpt)
+    store = RunStore(tms_store, "tms_5-2")
+    store.set_stage("stage1", "running")  # an interrupted run
+    for args in (["status", str(tms_store)], ["stage1", "--model", "tms_5-2", "--store", str(tms_store), "-q"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "not a valid apd checkpoint" in result.output and result.output.strip().count("\n") == 0
+    assert not marker.exists()
+
+
+def test_one_writer_at_a_time_and_kill_9_frees_the_lock(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from apdkit.stores.run import writer_lock
+
+    path = tmp_path / "run.zarr"
+    RunStore(path, "tms_5-2")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from apdkit.stores.run import writer_lock\n"
+        f"with writer_lock({str(path)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(StoreError, match=f"being written by another apd process \\(pid {holder.pid}"):
+        with writer_lock(path):
+            pass
+    from typer.testing import CliRunner
+
+    from apdkit.cli.main import app
+
+    result = CliRunner().invoke(app, ["stage1", "--model", "tms_5-2", "--store", str(path), "-q"])
+    assert result.exit_code == 2 and f"pid {holder.pid}" in result.output
+    assert result.output.strip().count("\n") == 0
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with writer_lock(path):  # the OS released the dead holder's lock
+        with writer_lock(path):  # re-entrant within one process
+            pass
+
+
+def test_every_stage_group_opens_as_a_labelled_xarray_dataset(id_store, tmp_path):
+    import shutil
+    import warnings
+
+    import xarray as xr
+    from typer.testing import CliRunner
+
+    from apdkit.cli.main import app
+
+    store = tmp_path / "run.zarr"
+    shutil.copytree(id_store, store)
+    assert CliRunner().invoke(app, ["group", "--store", str(store), "-q"]).exit_code == 0
+    expected = {
+        "stage1/pieces/W": {"piece": 10, "d_out": 2, "d_in": 5},
+        "stage1/eval": {"sample": 10000, "input_dim_1": 5},
+        "stage1/eval/scores": {"row": 10000, "piece": 10},
+        "stage1/eval/masks": {"row": 10000, "piece": 10},
+        "stage1/metrics": {"log": 22},
+        "groupings/spectral/labels": {"piece": 10},
+        "target/state": {"W.weight.dim_0": 2, "W.weight.dim_1": 5, "W_T.weight.dim_0": 2, "W_T.weight.dim_1": 5,
+                         "W_T.bias.dim_0": 5, "hidden.weight.dim_0": 2, "hidden.weight.dim_1": 2},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # xarray notes that the store has no consolidated metadata
+        for group, sizes in expected.items():
+            ds = xr.open_zarr(store, group=group, consolidated=False)
+            assert dict(ds.sizes) == sizes, group
+    pieces = xr.open_zarr(store, group="stage1/pieces/W", consolidated=False)
+    U, V = open_run(store).pieces()["W"]
+    assert (pieces["U"].values == U.numpy()).all() and pieces["V"].dims == ("piece", "d_in")

@@ -132,10 +132,6 @@ def test_a_split_identity_fails_the_identity_check(tmp_path):
     assert not result["checks"]["identity"]["passed"]
 
 
-def _tree(path):
-    return sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file()) \
-        if path.exists() else None
-
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "nopkg.nomod:build", "--modules", "fc_in"], "cannot import 'nopkg.nomod'"),

@@ -1,4 +1,4 @@
-"""Co-activation statistics of subcomponents over many inputs.
+"""Co-activation statistics of rank-1 pieces over many rows (inputs or positions).
 
 The pieces of all decomposed matrices are laid side by side in one index
 space (the "piece index": matrices in sorted name order, pieces in order).

@@ -1,7 +1,7 @@
 """Mechanisms: groups of rank-1 pieces, their ranks and description length.
 
 A grouping is one integer label per piece (-1 for dead pieces); mechanism g
-is the sum of the pieces labelled g, across all matrices. Pure numpy/torch.
+is the sum of the pieces labelled g, across all matrices. Pure numpy.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import math
 from typing import Mapping
 
 import numpy as np
-import torch
 
 from sklearn.metrics import adjusted_rand_score
 
@@ -33,13 +32,13 @@ def numerical_rank(U: np.ndarray, V: np.ndarray, rtol: float) -> int:
     return int((sv > rtol * scale).sum())
 
 
-def mechanism_ranks(labels: np.ndarray, index: PieceIndex, factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+def mechanism_ranks(labels: np.ndarray, index: PieceIndex, pieces: Mapping[str, tuple[np.ndarray, np.ndarray]],
                     n_groups: int, rtol: float) -> np.ndarray:
     """(n_groups, n_matrices) numerical rank of each mechanism in each matrix."""
     ranks = np.zeros((n_groups, len(index.names)), dtype=np.int64)
     per_matrix = index.split(labels)
     for j, name in enumerate(index.names):
-        U, V = factors[name]
+        U, V = pieces[name]
         lab = per_matrix[name]
         for g in np.unique(lab[lab >= 0]):
             members = lab == g
@@ -63,16 +62,6 @@ def relabel(labels: np.ndarray) -> np.ndarray:
     for i, lab in enumerate(labels):
         if lab >= 0:
             out[i] = mapping.setdefault(int(lab), len(mapping))
-    return out
-
-
-def mechanism_weights(labels: Mapping[str, np.ndarray], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                      group: int) -> dict[str, torch.Tensor]:
-    """Mechanism ``group`` as a weight matrix per decomposed parameter."""
-    out = {}
-    for name, (U, V) in factors.items():
-        members = torch.from_numpy(np.asarray(labels[name]) == group)
-        out[name] = U[members].T @ V[members]
     return out
 
 

@@ -3,6 +3,7 @@ named grouping of pieces into mechanisms out."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from apdkit.stages.group.methods import METHODS, GroupingError, GroupingInput, G
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
 from apdkit.stages.target import Target, load_from_store, matrix_settings
-from apdkit.stores.run import STAGE1, Run, RunStore
+from apdkit.stores.run import STAGE1, Run, RunStore, writer_lock
 
 
 def _extra_stats(target: Target, pieces, index: PieceIndex, n_extra: int, stage1_cfg: Stage1Config, chunk: int,
@@ -48,7 +49,15 @@ def _extra_stats(target: Target, pieces, index: PieceIndex, n_extra: int, stage1
 
 def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool = False,
               reporter: Reporter | None = None, target: Target | None = None) -> dict:
+    """See _run_group_locked; holds the store's writer lock."""
+    with writer_lock(store_path):
+        return _run_group_locked(store_path, cfg, scheduler=scheduler, force=force, reporter=reporter, target=target)
+
+
+def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool = False,
+                      reporter: Reporter | None = None, target: Target | None = None) -> dict:
     """Group stage 1's pieces; returns the grouping's summary (also stored)."""
+    started = time.perf_counter()
     reporter = reporter or SilentReporter()
     run = Run(store_path)
     if run.status(STAGE1) != "done":
@@ -65,8 +74,8 @@ def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool
     pieces_t = run.pieces()
     if target is None:
         target = load_from_store(run)
-    factors = {n: (U.numpy(), V.numpy()) for n, (U, V) in pieces_t.items()}
-    index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in factors.items()})
+    pieces = {n: (U.numpy(), V.numpy()) for n, (U, V) in pieces_t.items()}
+    index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in pieces.items()})
     masks, scores = run.eval_dask(list(index.names))
     n_stored = masks.shape[0]
 
@@ -90,8 +99,8 @@ def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool
     sample_masks = np.asarray(masks[:stored_rows][rows].compute(scheduler=scheduler))[:, alive]
     matrix_of = index.matrix_of()[alive]
     offsets = index.offsets()
-    flat_U = [factors[n][0] for n in index.names]
-    flat_V = [factors[n][1] for n in index.names]
+    flat_U = [pieces[n][0] for n in index.names]
+    flat_V = [pieces[n][1] for n in index.names]
 
     def union_rank(positions: np.ndarray) -> np.ndarray:
         out = np.zeros(len(index.names), dtype=np.int64)
@@ -117,7 +126,7 @@ def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool
         labels[alive_idx] = labels_alive
         labels = relabel(labels)
         n_groups = int(labels.max()) + 1
-        ranks = mechanism_ranks(labels, index, factors, n_groups, cfg.rank_rtol)
+        ranks = mechanism_ranks(labels, index, pieces, n_groups, cfg.rank_rtol)
         activity = group_activity_counts(masks[:stored_rows], labels, n_groups, scheduler=scheduler)
         dl = description_length(activity, ranks.sum(1), cfg.alpha)
         results.append((dl, method, labels, ranks, activity))
@@ -148,6 +157,7 @@ def run_group(store_path: Path, cfg: GroupConfig, *, scheduler=None, force: bool
         _, topk = matrix_settings(target, stage1_cfg)
         truth = target.builtin.truth_labels(target.model, pieces_t, topk, index.names)
         summary["scores"] = partition_scores(labels[alive], truth[alive])
+    summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     store = RunStore(store_path, run.model_name)
     store.write_grouping(name, index.split(labels), **summary)
     return summary

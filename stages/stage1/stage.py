@@ -4,6 +4,7 @@ its checkpoint; a finished stage is kept unless ``force``."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
 from apdkit.stages.stage1.train import NonFiniteLoss, new_state, total_steps, train
 from apdkit.stages.target import Target, ensure_target, load_state_file, matrix_settings, prepare
-from apdkit.stores.run import STAGE1, RunStore, check_writable, iter_chunks
+from apdkit.stores.run import GROUPINGS, STAGE1, VERIFY, RunStore, check_writable, iter_chunks, writer_lock
 from apdkit.targets.load import TargetRef, build_module
 
 
@@ -47,9 +48,15 @@ def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: n
     elif module is None and ref.builtin is None:
         module, source = build_module(ref), ref.model
     matrix_settings(prepare(ref, module if module is not None else ref.builtin.make(), data), cfg)
+    with writer_lock(store_path, create=True):
+        return _run_locked(store_path, ref, cfg, module, data, force, source, device, reporter)
 
+
+def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.Module | None, data: Any,
+                force: bool, source: str, device: torch.device, reporter: Reporter) -> dict[str, float]:
     store = RunStore(store_path, ref.model)
     target = ensure_target(store, ref, cfg.seed, module, data, source, reporter)
+    started = time.perf_counter()
     n_pieces, topk = matrix_settings(target, cfg)
 
     status = store.stage_status(STAGE1)
@@ -63,7 +70,8 @@ def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: n
             "to resume, or add --force to start over"
         )
     if force or status == "failed":
-        store.reset_stage(STAGE1)
+        for node in (STAGE1, GROUPINGS, VERIFY):  # groupings and verdicts of the old pieces go too
+            store.reset_stage(node)
         checkpoint = None
 
     model = target.model.to(device)
@@ -96,7 +104,8 @@ def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: n
     scores = write_evaluation(store, target, cfg, topk, pieces, device, reporter)
     store.write_stage1_pieces(pieces)
     store.write_stage1_metrics(state.history)
-    store.set_stage(STAGE1, "done", config=cfg.model_dump(), scores=scores,
+    store.set_stage(STAGE1, "done", config=cfg.model_dump(), scores=scores, device=str(device),
+                    wall_seconds=round(time.perf_counter() - started, 3),
                     matrices={n: {"param": m.param, "uses": [u.module for u in m.uses], "shape": list(m.shape)}
                               for n, m in target.model.matrices.items()})
     return scores

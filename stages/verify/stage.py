@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from apdkit.stages.group.mechanisms import description_length, identity_mechanis
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
 from apdkit.stages.target import Target, load_from_store, matrix_settings
-from apdkit.stores.run import STAGE1, Run, RunStore
+from apdkit.stores.run import STAGE1, Run, RunStore, writer_lock
 
 
 USED_SHARE = 0.01  # a mechanism is "used" on an input where its attribution is at least this share of the largest
@@ -46,9 +47,17 @@ def choose_grouping(run: Run, name: str | None) -> str:
     return have[0]
 
 
-@torch.no_grad()
 def run_verify(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = None,
                target: Target | None = None) -> dict:
+    """See _run_verify_locked; holds the store's writer lock."""
+    with writer_lock(store_path):
+        return _run_verify_locked(store_path, cfg, reporter=reporter, target=target)
+
+
+@torch.no_grad()
+def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = None,
+                       target: Target | None = None) -> dict:
+    started = time.perf_counter()
     reporter = reporter or SilentReporter()
     run = Run(store_path)
     if run.status(STAGE1) != "done":
@@ -175,6 +184,6 @@ def run_verify(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = 
                           f"the input's largest) on >= {cfg.identity_active_min} of inputs"),
         }
     result = {"grouping": name, "samples": cfg.samples, "passed": all(c["passed"] for c in checks.values()),
-              "checks": checks, "config": cfg.model_dump()}
+              "checks": checks, "config": cfg.model_dump(), "wall_seconds": round(time.perf_counter() - started, 3)}
     RunStore(store_path, run.model_name).write_verify(name, result)
     return result
