@@ -18,7 +18,7 @@ from rich.table import Table
 
 from rich.text import Text
 
-from apdkit.cli.progress import RichReporter
+from apdkit.cli.progress import make_reporter
 from apdkit.core.model import TargetError
 from apdkit.stages.config import ConfigError
 from apdkit.stages.errors import StageError
@@ -63,8 +63,8 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="log de
     VERBOSE["on"] = verbose
 
 
-def reporter(quiet: bool) -> RichReporter:
-    return RichReporter(enabled=not quiet, verbose=VERBOSE["on"])
+def reporter(quiet: bool):
+    return make_reporter(quiet, VERBOSE["on"])
 
 
 def _fail(message: str) -> None:
@@ -104,11 +104,11 @@ def target_ref(model: str, data, modules, output, insert_identity, hidden):
 
 
 def _print_scores(title: str, scores: dict[str, float]) -> None:
-    table = Table(title=title, show_header=True)
+    table = Table(title=Text(title), show_header=True)
     table.add_column("score")
     table.add_column("value", justify="right")
     for key, value in scores.items():
-        table.add_row(key, f"{value:.6g}")
+        table.add_row(Text(key), f"{value:.6g}")
     console.print(table)
 
 
@@ -201,11 +201,11 @@ def group(
         "mechanism ranks (rank: count)": summary["group_rank_histogram"],
         **{f"truth {k}": round(v, 4) for k, v in summary.get("scores", {}).items()},
     }
-    table = Table(title=f"grouping {cfg.grouping_name!r} ({path})")
+    table = Table(title=Text(f"grouping {cfg.grouping_name!r} ({path})"))
     table.add_column("figure")
     table.add_column("value", justify="right")
     for k, v in flat.items():
-        table.add_row(k, str(v))
+        table.add_row(Text(k), Text(str(v)))
     console.print(table)
 
 
@@ -236,7 +236,7 @@ def verify(
 
 
 def print_verify(result: dict) -> None:
-    table = Table(title=f"verify grouping {result['grouping']!r} on {result['samples']} fresh inputs")
+    table = Table(title=Text(f"verify grouping {result['grouping']!r} on {result['samples']} fresh inputs"))
     for col in ("check", "verdict", "figure", "value"):
         table.add_column(col, justify="right" if col == "value" else "left")
     for check, body in result["checks"].items():
@@ -341,6 +341,33 @@ def status(
     for row in rows:
         table.add_row(*(Text(str(c)) for c in row))
     console.print(table)
+
+
+config_app = typer.Typer(help="Show the settings a command would use.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    stage: str = typer.Option("stage1", help="stage1 | group | verify"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="a built-in target: its stage-1 defaults"),
+    config: Optional[Path] = typer.Option(None, help="a YAML file to resolve on top of the defaults"),
+    comments: bool = typer.Option(False, help="each setting's description above it"),
+) -> None:
+    """Print the fully resolved settings as YAML that --config accepts back unchanged."""
+    from apdkit.stages.config import resolve_group, resolve_stage1, resolve_verify, to_yaml
+    from apdkit.targets.registry import get_target
+
+    with user_errors(Path(".")):
+        if stage == "stage1":
+            cfg = resolve_stage1(dict(get_target(model).stage1) if model else {}, config)
+        elif stage == "group":
+            cfg = resolve_group(config)
+        elif stage == "verify":
+            cfg = resolve_verify(config)
+        else:
+            raise ConfigError(f"unknown stage {stage!r}: stage1, group or verify")
+    print(to_yaml(cfg, comments), end="")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -188,3 +188,17 @@ def resolve_group(yaml_path: Path | None = None, **flags: Any) -> GroupConfig:
 
 def resolve_verify(yaml_path: Path | None = None, **flags: Any) -> VerifyConfig:
     return _resolve(VerifyConfig, {}, yaml_path, flags)
+
+
+def to_yaml(cfg: BaseModel, comments: bool = False) -> str:
+    """The config as YAML that ``--config`` reads back unchanged; with
+    ``comments``, each field's description above it."""
+    values = cfg.model_dump()
+    if not comments:
+        return yaml.safe_dump(values, sort_keys=False)
+    lines = [f"# {type(cfg).__name__}: every field, with its default; --config takes any subset"]
+    for name, field in type(cfg).model_fields.items():
+        if field.description:
+            lines.append(f"# {field.description}")
+        lines.append(yaml.safe_dump({name: values[name]}, sort_keys=False).rstrip())
+    return "\n".join(lines) + "\n"

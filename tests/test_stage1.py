@@ -140,8 +140,14 @@ def test_finished_stage_is_not_rerun_without_force(tms_store, tmp_path):
     (["--model", "tms_5-2", "--steps", "0"], "invalid config: steps"),
     (["--model", "resid_mlp"], "holds a run of model 'tms_5-2', not 'resid_mlp'"),
     (["--model", "tms_5-2", "--device", "cuda"], None),
+    (["--model", "tms_5-2", "--config", "BATCH"], "batch_size 1000000000000 needs at least"),
+    (["--model", "tms_5-2", "--config", "EVAL"], "eval_samples 1000000000000 needs about"),
 ])
-def test_bad_input_is_one_line_error_and_store_untouched(tms_store, args, message):
+def test_bad_input_is_one_line_error_and_store_untouched(tms_store, tmp_path, args, message):
+    for key, text in (("BATCH", "batch_size: 1000000000000\n"), ("EVAL", "eval_samples: 1000000000000\n")):
+        if key in args:
+            (tmp_path / "huge.yaml").write_text(text)
+            args = [str(tmp_path / "huge.yaml") if a == key else a for a in args]
     before = store_tree(tms_store)
     result = apd("stage1", *args, "--store", tms_store, "-q")
     if message is None:  # cuda: fine where there is one

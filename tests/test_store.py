@@ -155,3 +155,41 @@ def test_every_stage_group_opens_as_a_labelled_xarray_dataset(id_store, tmp_path
     pieces = xr.open_zarr(store, group="stage1/pieces/W", consolidated=False)
     U, V = open_run(store).pieces()["W"]
     assert (pieces["U"].values == U.numpy()).all() and pieces["V"].dims == ("piece", "d_in")
+
+
+def test_docs_store_md_lists_exactly_the_nodes_a_run_writes(id_store, tmp_path):
+    """docs/store.md keeps saying what is on disk."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    import zarr
+    from typer.testing import CliRunner
+
+    from apdkit.cli.main import app
+
+    store = tmp_path / "run.zarr"
+    shutil.copytree(id_store, store)
+    for args in (["group", "--store", str(store), "-q"], ["verify", "--store", str(store), "-q"],
+                 ["report", str(store)]):
+        assert CliRunner().invoke(app, args).exit_code in (0, 1)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "store.md").read_text()
+    documented = set(re.findall(r"^\| `([^`]+)`", doc, re.M))
+    matrices, names = {"W", "hidden"}, {"spectral"}
+
+    def placeholder(path: str) -> str:
+        parts = path.split("/")
+        if parts[:2] == ["target", "state"]:
+            return "target/state/<key>"
+        if parts[:2] == ["stage1", "metrics"]:
+            return "stage1/metrics/<name>"
+        return "/".join("<matrix>" if p in matrices else "<name>" if p in names else p for p in parts)
+
+    root = zarr.open_group(str(store), mode="r")
+    arrays = {placeholder(path) for path, node in root.members(max_depth=None) if isinstance(node, zarr.Array)}
+    files = {str(p.relative_to(store)) for p in store.rglob("*") if p.is_file() and p.name != "zarr.json"
+             and not p.relative_to(store).parts[0] in {"target", "stage1", "groupings"}}
+    doc_arrays = {d for d in documented if d.startswith(("target/", "stage1/", "groupings/"))}
+    assert arrays == doc_arrays
+    assert files <= documented, files - documented
+    assert {"/"} <= documented and set(root.attrs) == {"apd", "provenance"}

@@ -4,6 +4,7 @@ its checkpoint; a finished stage is kept unless ``force``."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,47 @@ def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: n
         module, source = load_state_file(ref.builtin, target_file), str(target_file)
     elif module is None and ref.builtin is None:
         module, source = build_module(ref), ref.model
-    matrix_settings(prepare(ref, module if module is not None else ref.builtin.make(), data), cfg)
+    checked = prepare(ref, module if module is not None else ref.builtin.make(), data)
+    check_resources(checked, cfg, matrix_settings(checked, cfg)[0], store_path)
     with writer_lock(store_path, create=True):
         return _run_locked(store_path, ref, cfg, module, data, force, source, device, reporter)
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_resources(target: Target, cfg: Stage1Config, n_pieces: dict[str, int], store_path: Path) -> None:
+    """Refuse, in one line and before anything is written, settings whose
+    batch cannot fit in memory or whose evaluation arrays cannot fit on disk
+    (rough lower bounds: the pieces' activations of one batch, and the masks
+    and scores stage 2 reads)."""
+    with torch.no_grad():
+        fwd = target.model.forward(target.sample(2, torch.Generator().manual_seed(0)))
+    rows_per_input = fwd.output.shape[0] // 2
+    total_c = sum(n_pieces.values())
+    widths = sum(sum(m.shape) for m in target.model.matrices.values())
+    batch_bytes = 4 * cfg.batch_size * rows_per_input * (total_c + widths + fwd.output.shape[1]) * 4
+    free_mem = _available_memory()
+    if free_mem is not None and batch_bytes > free_mem:
+        raise StageError(f"batch_size {cfg.batch_size} needs at least {batch_bytes / 2**30:.1f} GiB of memory per "
+                         f"step, more than the {free_mem / 2**30:.1f} GiB available: use a smaller batch_size")
+    eval_bytes = cfg.eval_samples * rows_per_input * total_c * 5
+    parent = Path(store_path)
+    while not parent.exists():
+        parent = parent.parent
+    free_disk = shutil.disk_usage(parent).free
+    if eval_bytes > free_disk:
+        raise StageError(f"eval_samples {cfg.eval_samples} needs about {eval_bytes / 2**30:.1f} GiB on disk for the "
+                         f"masks and scores, more than the {free_disk / 2**30:.1f} GiB free: use fewer eval_samples")
+    if cfg.eval_chunk * rows_per_input * total_c * 5 > (free_mem or float("inf")):
+        raise StageError(f"eval_chunk {cfg.eval_chunk} does not fit in memory: use a smaller eval_chunk")
 
 
 def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.Module | None, data: Any,

@@ -1,0 +1,69 @@
+"""The CLI's habits: version, settings round trip, plain logs in pipes, user
+text never read as markup."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from apdkit.cli.main import app
+from apdkit.pipeline.api import stage1_config
+from apdkit.stages.config import resolve_group, resolve_verify
+from apdkit.targets.load import resolve_ref
+from apdkit.targets.registry import TARGETS
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("apdkit ")
+
+
+@pytest.mark.parametrize("model", list(TARGETS))
+def test_config_show_round_trips_through_config(model, tmp_path):
+    shown = runner.invoke(app, ["config", "show", "--model", model])
+    assert shown.exit_code == 0, shown.output
+    f = tmp_path / "c.yaml"
+    f.write_text(shown.output)
+    ref = resolve_ref(model)
+    assert stage1_config(ref, f) == stage1_config(ref)
+    again = runner.invoke(app, ["config", "show", "--model", model, "--config", str(f)])
+    assert again.output == shown.output
+
+
+def test_group_and_verify_config_round_trip(tmp_path):
+    for stage, resolve in (("group", resolve_group), ("verify", resolve_verify)):
+        f = tmp_path / f"{stage}.yaml"
+        f.write_text(runner.invoke(app, ["config", "show", "--stage", stage]).output)
+        assert resolve(f) == resolve(None)
+
+
+def test_examples_are_what_config_show_prints():
+    for stage in ("stage1", "group", "verify"):
+        shown = runner.invoke(app, ["config", "show", "--stage", stage, "--comments"]).output
+        assert (ROOT / "examples" / f"{stage}.yaml").read_text() == shown, stage
+
+
+def test_piped_output_is_plain_log_lines(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: 200\nwarm_start_steps: 20\neval_samples: 2000\nlog_every: 20\ncheckpoint_every: 100\n")
+    done = subprocess.run([sys.executable, "-m", "apdkit.cli", "stage1", "--model", "tms_5-2", "--config", str(cfg),
+                           "--store", str(tmp_path / "r.zarr")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "━" not in done.stderr and "…" not in done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if "stage1 tms_5-2: " in ln]
+    assert 3 <= len(lines) <= 13  # start, one per tenth, done
+    assert "stage1 tms_5-2: done" in lines[-1]
+
+
+def test_user_text_is_never_markup(tmp_path):
+    weird = tmp_path / "[/x] [bold]run"
+    result = runner.invoke(app, ["status", str(weird)])
+    assert result.exit_code == 2
+    assert str(weird) in result.output and result.output.strip().count("\n") == 0
+    result = runner.invoke(app, ["group", "--store", str(weird), "--name", "[red]g[/]", "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
