@@ -87,6 +87,21 @@ def user_errors(path: Path):
         raise typer.Exit(130)
 
 
+@contextmanager
+def tracked(kind: Optional[str], store: Path, name: str):
+    """A metrics callback for --log-to (None when not asked for)."""
+    if kind is None:
+        yield None
+        return
+    from apdkit.pipeline.trackers import Tracker
+
+    tracker = Tracker(kind, store, name)
+    try:
+        yield tracker.log
+    finally:
+        tracker.close()
+
+
 def default_store(model: str) -> Path:
     """runs/<model>.zarr, the model name made a plain file name."""
     stem = Path(model).stem if model.endswith((".yaml", ".yml")) else model
@@ -132,6 +147,8 @@ def stage1(
     target_file: Optional[Path] = typer.Option(None, help="a state_dict of a built-in architecture to decompose instead of training one"),
     force: bool = typer.Option(False, help="rerun a finished stage from scratch"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training objective"),
+    log_to: Optional[str] = typer.Option(None, "--log-to", help="also send training metrics to tensorboard "
+                                         "(<store>/tensorboard) or wandb (needs its extra)"),
     as_json: bool = typer.Option(False, "--json", help="print the scores as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
@@ -143,8 +160,9 @@ def stage1(
     with user_errors(path):
         ref = target_ref(model, data, modules, output, insert_identity, hidden)
         cfg = stage1_config(ref, config, steps=steps, seed=seed, device=device, compile=compile)
-        with reporter(quiet or as_json) as rep:
-            scores = run_stage1(path, ref, cfg, force=force, target_file=target_file, reporter=rep)
+        with reporter(quiet or as_json) as rep, tracked(log_to, path, ref.model) as on_metrics:
+            scores = run_stage1(path, ref, cfg, force=force, target_file=target_file, reporter=rep,
+                                on_metrics=on_metrics)
     if as_json:
         print(json.dumps(scores, indent=2))
     else:
@@ -279,6 +297,7 @@ def run_all(
     seed: Optional[int] = typer.Option(None, help="seed for target training, data and init"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     force: bool = typer.Option(False, help="rerun every stage from scratch (the target is kept)"),
+    log_to: Optional[str] = typer.Option(None, "--log-to", help="also send training metrics to tensorboard or wandb"),
     as_json: bool = typer.Option(False, "--json", help="print the verify result as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
@@ -293,8 +312,8 @@ def run_all(
         s1 = stage1_config(ref, config, seed=seed, steps=steps, device=device)
         grp = resolve_group(None, method=method)
         ver = resolve_verify(None)
-        with reporter(quiet or as_json) as rep:
-            result = run_pipeline(path, ref, s1, grp, ver, rep, force=force)
+        with reporter(quiet or as_json) as rep, tracked(log_to, path, ref.model) as on_metrics:
+            result = run_pipeline(path, ref, s1, grp, ver, rep, force=force, on_metrics=on_metrics)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -325,13 +344,15 @@ def status(
     store: Optional[Path] = typer.Option(None, help="run directory (default: the only store in runs/)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="find the store as runs/<model>.zarr"),
     as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
+    check: bool = typer.Option(True, "--check/--no-check", help="re-read every array against its checksum "
+                               "(default; --no-check is faster on large stores)"),
 ) -> None:
-    """Show what a store holds: each stage's state and key figures."""
+    """Show what a store holds: each stage's state and key figures. A damaged store is an error naming the node."""
     from apdkit.pipeline.status import store_status
 
     path = _find_store(store or store_arg, model)
     with user_errors(path):
-        rows = store_status(path)
+        rows = store_status(path, check=check)
     if as_json:
         print(json.dumps([{"stage": r[0], "status": r[1], "detail": r[2]} for r in rows], indent=2))
         return

@@ -20,11 +20,12 @@ from apdkit.targets.load import TargetRef
 
 def run_pipeline(store_path: Path, ref: TargetRef, stage1_cfg: Stage1Config, group_cfg: GroupConfig,
                  verify_cfg: VerifyConfig, reporter: Reporter | None = None, module: nn.Module | None = None,
-                 data: Any = None, force: bool = False) -> dict:
+                 data: Any = None, force: bool = False, on_metrics=None) -> dict:
     """Returns the verify result of the pipeline's grouping. ``force`` reruns
     every stage (the target is kept)."""
     reporter = reporter or SilentReporter()
-    run_stage1(store_path, ref, stage1_cfg, module=module, data=data, force=force, reporter=reporter)
+    run_stage1(store_path, ref, stage1_cfg, module=module, data=data, force=force, reporter=reporter,
+               on_metrics=on_metrics)
     target = load_from_store(Run(store_path), module=module, data=data)
     run_group(store_path, group_cfg, reporter=reporter, target=target, force=force)
     name = group_cfg.grouping_name

@@ -11,8 +11,12 @@ def _took(attrs: dict) -> str:
     return f" in {attrs['wall_seconds']:.1f}s" if "wall_seconds" in attrs else ""
 
 
-def store_status(path: Path) -> list[tuple[str, str, str]]:
+def store_status(path: Path, check: bool = True) -> list[tuple[str, str, str]]:
+    """One row per stage; ``check`` first re-reads every finished node
+    against its checksums (a damaged store is an error naming the node)."""
     run = Run(path)
+    if check:
+        run.check(*run.finished_nodes())
     prov = run.provenance()
     rows = [("provenance", "", ", ".join(f"{k} {v}" for k, v in prov.items() if v is not None))] if prov else []
     for stage in STAGES:

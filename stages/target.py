@@ -124,6 +124,7 @@ def ensure_target(store: RunStore, ref: TargetRef, seed: int, module: nn.Module 
     reporter = reporter or SilentReporter()
     if store.stage_status(TARGET) == "done":
         run = Run(store.path)
+        run.check(TARGET)
         if module is not None and source != ref.model:  # a module object or file, not rebuilt from the reference
             stored = run.target_state()
             if any(not torch.equal(v.cpu(), stored[k]) for k, v in module.state_dict().items() if k in stored):

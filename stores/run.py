@@ -183,6 +183,24 @@ def _set_attrs(group: zarr.Group, values: Mapping[str, Any]) -> None:
     group.attrs.put({**group.attrs.asdict(), **values})
 
 
+CHECKSUMS_ATTR = "checksums"  # on each finished node: {array path: sha256 of its contents}
+
+
+def _array_digest(arr: zarr.Array) -> str:
+    import hashlib
+
+    data = np.ascontiguousarray(np.asarray(arr[...]))
+    h = hashlib.sha256(f"{data.shape}:{data.dtype};".encode())
+    h.update(data.tobytes())
+    return h.hexdigest()
+
+
+def _arrays_under(root: zarr.Group, node: str) -> list[str]:
+    """Paths of every array below ``node``."""
+    group = root[node]
+    return sorted(f"{node}/{path}" for path, child in group.members(max_depth=None) if isinstance(child, zarr.Array))
+
+
 def _load_checkpoint(path: Path) -> dict:
     """Tensors and plain types only: a file that needs pickled code is refused."""
     try:
@@ -215,7 +233,11 @@ class RunStore:
         return self.root[stage].attrs.get(STAGE_STATUS_ATTR, "absent")
 
     def set_stage(self, stage: str, status: str, **attrs: Any) -> None:
+        """A node's status and attributes in one write; "done" also records
+        a checksum of every array below it, checked whenever it is read."""
         group = self.root.require_group(stage)
+        if status == "done":
+            attrs[CHECKSUMS_ATTR] = {path: _array_digest(self.root[path]) for path in _arrays_under(self.root, stage)}
         _set_attrs(group, {STAGE_STATUS_ATTR: status, **attrs})
 
     def stage_attrs(self, stage: str) -> dict[str, Any]:
@@ -248,7 +270,7 @@ class RunStore:
         for param, values in labels.items():
             lab.create_array(param, data=np.asarray(values, dtype=np.int32), overwrite=True,
                              dimension_names=[piece_dim(param, {len(v) for v in labels.values()})])
-        _set_attrs(group, {STAGE_STATUS_ATTR: "done", **attrs})
+        self.set_stage(grouping_path(name), "done", **attrs)
 
     # -- stage 3 ------------------------------------------------------------
     def write_verify(self, grouping: str, result: Mapping[str, Any]) -> None:
@@ -354,6 +376,34 @@ class Run:
     def _require(self, stage: str) -> None:
         if self.status(stage) != "done":
             raise StoreError(f"{self.path}: {stage} is {self.status(stage)}, not done")
+
+    def damage(self, node: str) -> str | None:
+        """None when every array a finished node recorded is there with its
+        contents unchanged; else one line naming the damaged array."""
+        for path, digest in self.attrs(node).get(CHECKSUMS_ATTR, {}).items():
+            try:
+                found = _array_digest(self.root[path])
+            except KeyError:
+                return f"{path} is missing"
+            except Exception as e:  # unreadable metadata or chunk: zarr and codecs raise many types
+                return f"{path} cannot be read ({type(e).__name__})"
+            if found != digest:
+                return f"{path} has changed (a chunk deleted or rewritten)"
+        return None
+
+    def check(self, *nodes: str) -> None:
+        """Raise StoreError, in one line, if any of these finished nodes is damaged."""
+        for node in nodes:
+            problem = self.damage(node) if self.status(node) == "done" else None
+            if problem is not None:
+                rerun = {TARGET: "a new store", STAGE1: "apd stage1 --force"}.get(
+                    node, "apd group --force" if node.startswith(GROUPINGS) else "the stage that wrote it")
+                raise StoreError(f"{self.path} is damaged: {problem}; rerun {rerun} to rewrite it")
+
+    def finished_nodes(self) -> list[str]:
+        """Every node a finished stage wrote: target, stage1, each grouping."""
+        nodes = [n for n in (TARGET, STAGE1) if self.status(n) == "done"]
+        return nodes + [grouping_path(g) for g in self.groupings()]
 
     def target_state(self) -> dict[str, torch.Tensor]:
         self._require(TARGET)

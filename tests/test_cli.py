@@ -67,3 +67,37 @@ def test_user_text_is_never_markup(tmp_path):
     assert str(weird) in result.output and result.output.strip().count("\n") == 0
     result = runner.invoke(app, ["group", "--store", str(weird), "--name", "[red]g[/]", "-q"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_tensorboard_gets_the_loss_curve(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: 200\nwarm_start_steps: 20\neval_samples: 1000\nlog_every: 20\ncheckpoint_every: 100\n")
+    store = tmp_path / "r.zarr"
+    result = runner.invoke(app, ["stage1", "--model", "tms_5-2", "--config", str(cfg), "--store", str(store),
+                                 "--log-to", "tensorboard", "-q"])
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(store / "tensorboard"))
+    events.Reload()
+    curve = events.Scalars("stage1/total")
+    from apdkit import open_run
+
+    stored = open_run(store).metrics()
+    assert [e.step for e in curve] == stored["step"].astype(int).tolist()
+    assert [e.value for e in curve] == pytest.approx(stored["total"].tolist(), rel=1e-6)
+
+
+def test_wandb_offline_gets_the_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: 60\nwarm_start_steps: 20\neval_samples: 500\nlog_every: 20\ncheckpoint_every: 20\n")
+    store = tmp_path / "r.zarr"
+    result = runner.invoke(app, ["stage1", "--model", "tms_5-2", "--config", str(cfg), "--store", str(store),
+                                 "--log-to", "wandb", "-q"])
+    assert result.exit_code == 0, result.output
+    runs = list((store / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -54,3 +54,34 @@ def test_report_renders_in_headless_chromium(report_page, tmp_path):
     assert img.size == (1100, 2400)
     colours = img.getcolors(maxcolors=1 << 16)
     assert colours is not None and len(colours) > 50  # text and plots, not a blank page
+
+
+def test_report_has_mechanism_cards_and_the_identity_panel(report_page):
+    page = report_page.read_text()
+    cards = re.findall(r"<div class='card'><b>mechanism (\d+)</b>", page)
+    assert len(cards) >= 6  # 5 features and the identity, each its own card
+    assert "ablating it: output change" in page and "top inputs: #" in page
+    identity = page[page.index("<h3>Identity</h3>"):]
+    assert "<td>hidden</td>" in identity and "<td>yes</td>" in identity.split("</table>")[0]
+    assert "class='warn'" not in page  # a passing run has nothing to warn about
+
+
+def test_report_escapes_user_text_and_warns_when_verify_failed(report_page, tmp_path):
+    import json
+
+    store = tmp_path / "evil.zarr"
+    shutil.copytree(report_page.parent / "run.zarr", store)
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["apd"]["model"] = "<script>alert(1)</script>"
+    (store / "zarr.json").write_text(json.dumps(meta))
+    ver_meta = store / "verify" / "r" / "zarr.json"
+    v = json.loads(ver_meta.read_text())
+    v["attributes"]["passed"] = False
+    v["attributes"]["checks"]["minimality"]["passed"] = False
+    ver_meta.write_text(json.dumps(v))
+    out = tmp_path / "evil.html"
+    result = runner.invoke(app, ["report", str(store), "--out", str(out), "--method", "r"])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "class='warn'>verify FAILED: minimality" in page

@@ -20,7 +20,7 @@ from apdkit.stages.group.methods import METHODS, GroupingError, GroupingInput, G
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
 from apdkit.stages.target import Target, load_from_store, matrix_settings
-from apdkit.stores.run import STAGE1, Run, RunStore, writer_lock
+from apdkit.stores.run import STAGE1, TARGET, Run, RunStore, grouping_path, writer_lock
 
 
 def _extra_stats(target: Target, pieces, index: PieceIndex, n_extra: int, stage1_cfg: Stage1Config, chunk: int,
@@ -62,7 +62,11 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
     run = Run(store_path)
     if run.status(STAGE1) != "done":
         raise StageError(f"{store_path} has no finished stage 1 (stage1 is {run.status(STAGE1)}): run apd stage1 first")
+    run.check(TARGET, STAGE1)
     name = cfg.grouping_name
+    if name in run.groupings() and not force and run.damage(grouping_path(name)) is not None:
+        reporter.message(f"grouping {name!r} is damaged ({run.damage(grouping_path(name))}): redoing it")
+        force = True
     if name in run.groupings() and not force:
         info = run.grouping_info(name)
         if info.get("config") != cfg.model_dump():

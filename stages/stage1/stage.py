@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
 from apdkit.stages.stage1.train import NonFiniteLoss, new_state, total_steps, train
 from apdkit.stages.target import Target, ensure_target, load_state_file, matrix_settings, prepare
-from apdkit.stores.run import GROUPINGS, STAGE1, VERIFY, RunStore, check_writable, iter_chunks, writer_lock
+from apdkit.stores.run import GROUPINGS, STAGE1, VERIFY, Run, RunStore, check_writable, iter_chunks, writer_lock
 from apdkit.targets.load import TargetRef, build_module
 
 
@@ -34,7 +34,8 @@ def resolve_device(name: str) -> torch.device:
 
 def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: nn.Module | None = None,
                data: Any = None, force: bool = False, target_file: Path | None = None,
-               reporter: Reporter | None = None) -> dict[str, float]:
+               reporter: Reporter | None = None,
+               on_metrics: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
     """Run (or resume, or skip) stage 1; returns its scores."""
     reporter = reporter or SilentReporter()
     # all validation before the first write: device, store, model, layers, data, settings
@@ -51,7 +52,7 @@ def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: n
     checked = prepare(ref, module if module is not None else ref.builtin.make(), data)
     check_resources(checked, cfg, matrix_settings(checked, cfg)[0], store_path)
     with writer_lock(store_path, create=True):
-        return _run_locked(store_path, ref, cfg, module, data, force, source, device, reporter)
+        return _run_locked(store_path, ref, cfg, module, data, force, source, device, reporter, on_metrics)
 
 
 def _available_memory() -> int | None:
@@ -92,13 +93,18 @@ def check_resources(target: Target, cfg: Stage1Config, n_pieces: dict[str, int],
 
 
 def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.Module | None, data: Any,
-                force: bool, source: str, device: torch.device, reporter: Reporter) -> dict[str, float]:
+                force: bool, source: str, device: torch.device, reporter: Reporter,
+                on_metrics: Callable[[dict[str, float]], None] | None) -> dict[str, float]:
     store = RunStore(store_path, ref.model)
     target = ensure_target(store, ref, cfg.seed, module, data, source, reporter)
     started = time.perf_counter()
     n_pieces, topk = matrix_settings(target, cfg)
 
     status = store.stage_status(STAGE1)
+    problem = Run(store_path).damage(STAGE1) if status == "done" else None
+    if problem is not None and not force:
+        reporter.message(f"stage1 is damaged ({problem}): rerunning it")
+        force = True
     if status == "done" and not force:
         reporter.message(f"stage1 already done in {store_path} (use --force to rerun)")
         return dict(store.stage_attrs(STAGE1).get("scores", {}))
@@ -125,6 +131,8 @@ def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.
     reporter.start(task, end, state.step)
 
     def on_log(row: dict[str, float]) -> None:
+        if on_metrics is not None:  # the same rows the store's metrics are made of
+            on_metrics(row)
         reporter.advance(task, int(row["step"]),
                          f"faith {row['faithfulness']:.1e} min {row['minimality']:.1e} simp {row['simplicity']:.1e}")
 

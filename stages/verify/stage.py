@@ -28,7 +28,7 @@ from apdkit.stages.group.mechanisms import description_length, identity_mechanis
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
 from apdkit.stages.target import Target, load_from_store, matrix_settings
-from apdkit.stores.run import STAGE1, Run, RunStore, writer_lock
+from apdkit.stores.run import STAGE1, TARGET, Run, RunStore, grouping_path, writer_lock
 
 
 USED_SHARE = 0.01  # a mechanism is "used" on an input where its attribution is at least this share of the largest
@@ -63,6 +63,7 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
     if run.status(STAGE1) != "done":
         raise StageError(f"{store_path} has no finished stage 1: run apd stage1 first")
     name = choose_grouping(run, cfg.grouping)
+    run.check(TARGET, STAGE1, grouping_path(name))
     info = run.grouping_info(name)
     labels = run.grouping(name)
     stage1_cfg = Stage1Config(**run.config(STAGE1))
