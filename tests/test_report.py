@@ -41,13 +41,23 @@ def test_report_is_self_contained_with_figures_and_verify_table(report_page):
     assert "http" not in page  # nothing fetched from elsewhere
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(report_page, tmp_path):
+    """It loads, the page's scripts log nothing to the console, the figures
+    are in the rendered DOM, and the screenshot is not blank."""
+    dom = subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'p1'}", "--enable-logging=stderr",
+                          "--v=0", "--dump-dom", report_page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "CONSOLE" not in dom.stderr, [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln]
+    assert dom.stdout.count('<img src="data:image/png;base64,') == 3
+    assert "Verify: all checks passed" in dom.stdout and dom.stdout.count("class=\"card\"") >= 6
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1100,2400",
-                    report_page.as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'p2'}", f"--screenshot={shot}",
+                    "--window-size=1100,2400", report_page.as_uri()], check=True, capture_output=True, timeout=120)
     from PIL import Image
 
     img = Image.open(shot).convert("L")

@@ -199,3 +199,18 @@ def test_target_file_of_wrong_shape_is_refused(tmp_path):
     store = tmp_path / "run.zarr"
     result = apd("stage1", "--model", "tms_5-2", "--store", store, "--target-file", f, "-q")
     assert result.exit_code == 2 and "does not fit tms_5-2" in result.output
+
+
+def test_target_file_with_nan_weights_is_refused_and_a_good_file_then_works(tms_target_store, tmp_path):
+    state = open_run(tms_target_store).target().state_dict()
+    bad = {k: v.clone() for k, v in state.items()}
+    bad["W.weight"][0, 0] = float("nan")
+    torch.save(bad, tmp_path / "bad.pt")
+    torch.save(state, tmp_path / "good.pt")
+    store = tmp_path / "run.zarr"
+    result = apd("stage1", "--model", "tms_5-2", "--store", store, "--target-file", tmp_path / "bad.pt", "-q")
+    assert result.exit_code == 2 and "W.weight holds NaN" in result.output
+    assert not store.exists()
+    result = apd("stage1", "--model", "tms_5-2", "--store", store, "--target-file", tmp_path / "good.pt",
+                 "--config", _small(tmp_path, steps=50), "-q")
+    assert result.exit_code == 0, result.output

@@ -8,9 +8,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-import zarr
+import torch
 from typer.testing import CliRunner
 
 from apdkit.cli.main import app
@@ -47,10 +46,15 @@ def test_verify_passes_on_a_good_decomposition(grouped_id):
 def test_verify_catches_a_perturbed_mechanism(grouped_id):
     labels = open_run(grouped_id).grouping("g")["W"]
     g = int(labels[labels >= 0][0])
-    U = zarr.open_array(str(grouped_id / "stage1" / "pieces" / "W" / "U"), mode="r+")
-    u = np.asarray(U[...])
-    u[labels == g] *= 1.5  # one mechanism no longer adds up
-    U[...] = u
+    from apdkit.stores.run import STAGE1, RunStore
+
+    run = open_run(grouped_id)
+    pieces = run.pieces()
+    U, V = pieces["W"]
+    U[torch.from_numpy(labels == g)] *= 1.5  # one mechanism no longer adds up
+    store = RunStore(grouped_id, run.model_name)
+    store.write_stage1_pieces(pieces)  # a wrong decomposition, stored whole (with its checksums)
+    store.set_stage(STAGE1, "done", **{k: v for k, v in run.attrs(STAGE1).items() if k not in ("status", "checksums")})
     result = apd("verify", "--store", grouped_id, "--method", "g", "-q")
     assert result.exit_code == 1
     assert "failed: faithfulness" in result.output

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from apdkit.core.masks import score_inputs
 from apdkit.stages.config import GroupConfig, Stage1Config
