@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +24,7 @@ from apdkit.core.pieces import unit_rows
 from apdkit.stages.config import Stage1Config
 from apdkit.stages.stage1.objective import objective
 from apdkit.stages.stage1.train import coefficients, new_state
+from stage1_bench import Stopwatch, peak_rss_mib  # this folder's shared stopwatch
 
 
 class Block(nn.Module):
@@ -58,21 +57,6 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))
-
-
-class Stopwatch:
-    def __init__(self):
-        self.times: dict[str, list[float]] = {}
-
-    @contextmanager
-    def __call__(self, section: str):
-        t = time.perf_counter()
-        yield
-        self.times.setdefault(section, []).append(time.perf_counter() - t)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
