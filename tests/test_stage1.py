@@ -204,7 +204,8 @@ def test_target_file_of_wrong_shape_is_refused(tmp_path):
 def test_target_file_with_nan_weights_is_refused_and_a_good_file_then_works(tms_target_store, tmp_path):
     state = open_run(tms_target_store).target().state_dict()
     bad = {k: v.clone() for k, v in state.items()}
-    bad["W.weight"][0, 0] = float("nan")
+    for key in ("W.weight", "W_T.weight"):  # one tied parameter, saved under both names
+        bad[key][0, 0] = float("nan")
     torch.save(bad, tmp_path / "bad.pt")
     torch.save(state, tmp_path / "good.pt")
     store = tmp_path / "run.zarr"
