@@ -107,6 +107,15 @@ def load_state_file(spec: TargetSpec, path: Path) -> nn.Module:
         raise StageError(f"target file {path} is not a torch state_dict: {str(e).splitlines()[0]}") from None
     if not isinstance(state, dict):
         raise StageError(f"target file {path} holds a {type(state).__name__}, not a state_dict")
+    tied: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    for names in tied.values():  # loading would keep the last name's values silently
+        present = [n for n in names if n in state]
+        first = state[present[0]]
+        same = lambda t: t.shape == first.shape and bool(((t == first) | (t.isnan() & first.isnan())).all())  # noqa: E731
+        if not all(same(state[n]) for n in present[1:]):
+            raise StageError(f"target file {path}: {' and '.join(present)} are one tied parameter but differ")
     try:
         module.load_state_dict(state)
     except RuntimeError as e:

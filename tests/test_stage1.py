@@ -204,8 +204,12 @@ def test_target_file_of_wrong_shape_is_refused(tmp_path):
 def test_target_file_with_nan_weights_is_refused_and_a_good_file_then_works(tms_target_store, tmp_path):
     state = open_run(tms_target_store).target().state_dict()
     bad = {k: v.clone() for k, v in state.items()}
-    for key in ("W.weight", "W_T.weight"):  # one tied parameter, saved under both names
-        bad[key][0, 0] = float("nan")
+    bad["W.weight"][0, 0] = float("nan")
+    torch.save(bad, tmp_path / "untied.pt")
+    result = apd("stage1", "--model", "tms_5-2", "--store", tmp_path / "x.zarr", "--target-file",
+                 tmp_path / "untied.pt", "-q")
+    assert result.exit_code == 2 and "W.weight and W_T.weight are one tied parameter but differ" in result.output
+    bad["W_T.weight"][0, 0] = float("nan")  # the tied parameter is saved under both names
     torch.save(bad, tmp_path / "bad.pt")
     torch.save(state, tmp_path / "good.pt")
     store = tmp_path / "run.zarr"
