@@ -92,10 +92,7 @@ def _eps_grads(model: DecomposedModel, x: Tensor, pieces: Pieces, units: Mapping
         for s, g in zip(sq, grads):
             s += g.square().sum(0)
     sq = [s / (n_out if exact else n_probes * n_out) for s in sq]
-    target_fwd = Forward(target.output, batch, target.hidden)
-    if units is None:
-        return dict(zip(names, sq)), target_fwd
-    return sq[0], target_fwd
+    return (dict(zip(names, sq)) if units is None else sq[0]), target
 
 
 def _batched_vjp(out: Tensor, inputs: list[Tensor], cot: Tensor) -> tuple[Tensor, ...]:

@@ -26,7 +26,7 @@ from apdkit.stages.config import (GroupConfig, Stage1Config, VerifyConfig, resol
 from apdkit.stages.group.stage import run_group
 from apdkit.stages.progress import Reporter
 from apdkit.stages.stage1.stage import run_stage1
-from apdkit.stages.target import Target, load_from_store, matrix_settings
+from apdkit.stages.target import Target, load_from_store
 from apdkit.stages.verify.stage import run_verify
 from apdkit.stores.run import STAGE1, Run
 from apdkit.targets.load import TargetRef, resolve_ref
@@ -157,9 +157,6 @@ class RunResults(Run):
         member = membership_matrices(labels, n_groups)
         pieces = self.pieces()
         return target.model.run(x, pieces, {n: mask @ member[n].T for n in pieces}).output
-
-    def stage1_topk(self) -> dict[str, float]:
-        return matrix_settings(self._loaded(), Stage1Config(**self.config(STAGE1)))[1]
 
 
 __all__ = ["decompose", "open_run", "RunResults", "Stage1Config", "GroupConfig", "VerifyConfig"]

@@ -15,7 +15,7 @@ from apdkit.stages.stage1.stage import run_stage1
 from apdkit.stages.target import load_from_store
 from apdkit.stages.verify.stage import run_verify
 from apdkit.stores.run import Run
-from apdkit.targets.load import TargetRef
+from apdkit.targets.load import TargetRef, build_module
 
 
 def run_pipeline(store_path: Path, ref: TargetRef, stage1_cfg: Stage1Config, group_cfg: GroupConfig,
@@ -24,8 +24,11 @@ def run_pipeline(store_path: Path, ref: TargetRef, stage1_cfg: Stage1Config, gro
     """Returns the verify result of the pipeline's grouping. ``force`` reruns
     every stage (the target is kept)."""
     reporter = reporter or SilentReporter()
+    source = "given"
+    if module is None and ref.builtin is None:  # build a user's model once, for every stage
+        module, source = build_module(ref), ref.model
     run_stage1(store_path, ref, stage1_cfg, module=module, data=data, force=force, reporter=reporter,
-               on_metrics=on_metrics)
+               on_metrics=on_metrics, source=source)
     target = load_from_store(Run(store_path), module=module, data=data)
     run_group(store_path, group_cfg, reporter=reporter, target=target, force=force)
     name = group_cfg.grouping_name

@@ -35,13 +35,15 @@ def resolve_device(name: str) -> torch.device:
 def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: nn.Module | None = None,
                data: Any = None, force: bool = False, target_file: Path | None = None,
                reporter: Reporter | None = None,
-               on_metrics: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
-    """Run (or resume, or skip) stage 1; returns its scores."""
+               on_metrics: Callable[[dict[str, float]], None] | None = None,
+               source: str = "given") -> dict[str, float]:
+    """Run (or resume, or skip) stage 1; returns its scores. ``source`` says
+    where a given ``module`` came from (its import path when the caller built
+    it from ``ref``: then the store's weights are the truth on resume)."""
     reporter = reporter or SilentReporter()
     # all validation before the first write: device, store, model, layers, data, settings
     device = resolve_device(cfg.device)
     check_writable(store_path, ref.model)
-    source = "given"
     if target_file is not None:
         if ref.builtin is None:
             raise StageError("--target-file is a state_dict for a built-in architecture; "
