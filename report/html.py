@@ -20,6 +20,7 @@ from apdkit.stages.errors import StageError  # noqa: E402
 from apdkit.stages.group.coactivation import CoactivationStats, PieceIndex, coactivation_dask  # noqa: E402
 from apdkit.stages.group.methods import affinity  # noqa: E402
 from apdkit.stages.target import load_from_store  # noqa: E402
+from apdkit.core.model import TargetError  # noqa: E402
 from apdkit.core.pieces import membership_matrices  # noqa: E402
 from apdkit.stores.run import STAGE1, Run  # noqa: E402
 
@@ -187,10 +188,15 @@ def write_report(store_path: Path, out: Path, grouping: str | None = None) -> Pa
     if run.status(STAGE1) != "done":
         raise StageError(f"{store_path} has no finished stage 1: nothing to report yet")
     run.check(*run.finished_nodes())
-    target = load_from_store(run)
+    try:
+        target = load_from_store(run)
+    except TargetError as e:  # a model given as a Python object: no figures that need it
+        target, missing = None, str(e)
     groupings = run.groupings()
     name = grouping or (groupings[0] if groupings else None)
     alerts = warnings_for(run, name)
+    if target is None:
+        alerts.append(f"mechanism cards and the target's figures need the model: {missing}")
     parts = [f"<h1>apd run: {html.escape(run.model_name)}</h1>",
              f"<p>store <code>{html.escape(str(store_path))}</code></p>",
              "".join(f"<div class='warn'>{html.escape(a)}</div>" for a in alerts),
@@ -207,10 +213,11 @@ def write_report(store_path: Path, out: Path, grouping: str | None = None) -> Pa
                           *[(f"ground truth {k}", _fmt(v)) for k, v in info.get("scores", {}).items()]],
                          ("figure", "value")),
                   coactivation_graph(run, labels)]
-        parts.append(identity_panel(run, target, labels, info))
-        if target.has_ground_truth and target.builtin.figures is not None:
-            parts += [_png(fig) for fig in target.builtin.figures(target.model, run.pieces(), labels, n_groups)]
-        parts += ["<h3>Mechanisms</h3>", mechanism_cards(run, target, labels, info)]
+        if target is not None:
+            parts.append(identity_panel(run, target, labels, info))
+            if target.has_ground_truth and target.builtin.figures is not None:
+                parts += [_png(fig) for fig in target.builtin.figures(target.model, run.pieces(), labels, n_groups)]
+            parts += ["<h3>Mechanisms</h3>", mechanism_cards(run, target, labels, info)]
         ver = run.verification(name)
         if ver is not None:
             rows = [(c, "pass" if b["passed"] else "FAIL", k, _fmt(v))

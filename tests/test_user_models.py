@@ -70,9 +70,14 @@ def test_own_mlp_through_the_python_api(parts_run):
     # the store rebuilds nothing it cannot: the model was a Python object
     with pytest.raises(Exception, match="given as a Python object"):
         apdkit.open_run(run.path).target()
+    # from the CLI, without the object: grouping works, the report says what needs the model
+    assert apd("group", "--store", run.path, "--name", "cli", "-q").exit_code == 0
+    result = apd("report", run.path, "--method", "cli")
+    assert result.exit_code == 0, result.output
+    assert "cards and the target&#x27;s figures need the model" in (run.path / "report.html").read_text()
     reopened = apdkit.open_run(run.path, module=train_parts_mlp())
     assert torch.equal(reopened.target().fc_in.weight, model.fc_in.weight)
-    mech = reopened.mechanism_weights(0)
+    mech = reopened.mechanism_weights(0, "spectral")
     assert set(mech) == {"fc_in", "fc_out"} and mech["fc_in"].shape == model.fc_in.weight.shape
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from apdkit.core.masks import score_inputs
+from apdkit.core.model import TargetError
 from apdkit.stages.config import GroupConfig, Stage1Config
 from apdkit.stages.errors import StageError
 from apdkit.stages.group.coactivation import (CoactivationStats, PieceIndex, alive_pieces, coactivation_dask,
@@ -76,7 +77,12 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
     stage1_cfg = Stage1Config(**run.config(STAGE1))
     pieces_t = run.pieces()
     if target is None:
-        target = load_from_store(run)
+        try:
+            target = load_from_store(run)
+        except TargetError:  # a model given as a Python object: grouping needs it only for new inputs
+            if (cfg.samples or 0) > run.masks()[next(iter(pieces_t))].shape[0]:
+                raise
+            target = None
     pieces = {n: (U.numpy(), V.numpy()) for n, (U, V) in pieces_t.items()}
     index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in pieces.items()})
     masks, scores = run.eval_dask(list(index.names))
@@ -150,13 +156,14 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
         "group_rank_histogram": {str(r): int(c) for r, c in zip(*np.unique(ranks.sum(1), return_counts=True))},
         "candidates": {m: d for d, m, *_ in results},
     }
-    if target.model.identities:
-        ident = identity_mechanisms(index.split(labels), list(target.model.identities))
+    identities = [n for n, m in run.attrs(STAGE1)["matrices"].items() if not m["param"]]  # inserted ones
+    if identities:
+        ident = identity_mechanisms(index.split(labels), identities)
         for info in ident.values():
             g = info["mechanism"]
             info["active_share"] = float(activity[g] / stored_rows) if g is not None else 0.0
         summary["identity"] = ident
-    if target.has_ground_truth and target.builtin.truth_labels is not None:
+    if target is not None and target.has_ground_truth and target.builtin.truth_labels is not None:
         _, topk = matrix_settings(target, stage1_cfg)
         truth = target.builtin.truth_labels(target.model, pieces_t, topk, index.names)
         summary["scores"] = partition_scores(labels[alive], truth[alive])
