@@ -118,13 +118,21 @@ def target_ref(model: str, data, modules, output, insert_identity, hidden):
     return resolve_ref(model, tuple(modules or ()), output, tuple(hidden or ()), tuple(insert_identity or ()), data)
 
 
-def _print_scores(title: str, scores: dict[str, float]) -> None:
+def _print_scores(title: str, scores: dict[str, float], store: Path) -> None:
     table = Table(title=Text(title), show_header=True)
     table.add_column("score")
     table.add_column("value", justify="right")
     for key, value in scores.items():
         table.add_row(Text(key), f"{value:.6g}")
     console.print(table)
+    _print_missed(store, scores)
+
+
+def _print_missed(store: Path, scores: dict[str, float]) -> None:
+    from apdkit.pipeline.status import missed_criteria
+
+    for line in missed_criteria(store, scores):
+        console.print(Text("MISSED: " + line, style="red"))
 
 
 @app.command()
@@ -166,7 +174,7 @@ def stage1(
     if as_json:
         print(json.dumps(scores, indent=2))
     else:
-        _print_scores(f"stage1 scores ({path})", scores)
+        _print_scores(f"stage1 scores ({path})", scores, path)
 
 
 def _find_store(store: Optional[Path], model: Optional[str]) -> Path:
@@ -225,6 +233,7 @@ def group(
     for k, v in flat.items():
         table.add_row(Text(k), Text(str(v)))
     console.print(table)
+    _print_missed(path, summary.get("scores", {}))
 
 
 @app.command()
@@ -249,11 +258,11 @@ def verify(
     if as_json:
         print(json.dumps(result, indent=2))
     else:
-        print_verify(result)
+        print_verify(result, path)
     raise typer.Exit(0 if result["passed"] else 1)
 
 
-def print_verify(result: dict) -> None:
+def print_verify(result: dict, store: Path) -> None:
     table = Table(title=Text(f"verify grouping {result['grouping']!r} on {result['samples']} fresh inputs"))
     for col in ("check", "verdict", "figure", "value"):
         table.add_column(col, justify="right" if col == "value" else "left")
@@ -264,6 +273,8 @@ def print_verify(result: dict) -> None:
                           f"{v:.4g}" if isinstance(v, float) else str(v))
         table.add_row("", "", f"[dim]threshold: {body['threshold']}[/]", "")
     console.print(table)
+    if result.get("truth"):
+        _print_scores("ground truth (fresh inputs)", result["truth"], store)
     failed = [c for c, b in result["checks"].items() if not b["passed"]]
     console.print("all checks passed" if not failed else f"[red]failed:[/] {', '.join(failed)}")
 
@@ -317,7 +328,7 @@ def run_all(
     if as_json:
         print(json.dumps(result, indent=2))
     else:
-        print_verify(result)
+        print_verify(result, path)
     raise typer.Exit(0 if result["passed"] else 1)
 
 

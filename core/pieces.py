@@ -79,6 +79,14 @@ def batch_topk_mask(scores: Tensor, k: float) -> Tensor:
     return mask & (scores > 0)
 
 
+def singleton_labels(pieces: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, "np.ndarray"]:
+    """Each piece its own mechanism: labels 0..P-1 across matrices, in order."""
+    import numpy as np
+
+    offsets = np.cumsum([0] + [U.shape[0] for U, _ in pieces.values()])
+    return {n: np.arange(U.shape[0]) + offsets[i] for i, (n, (U, _)) in enumerate(pieces.items())}
+
+
 def membership_matrices(labels: Mapping[str, "np.ndarray"], n_groups: int) -> dict[str, Tensor]:
     """Per matrix, a (C, n_groups) 0/1 matrix: piece c belongs to mechanism g
     (label -1: to none)."""

@@ -132,7 +132,8 @@ class VerifyConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     grouping: str | None = Field(None, description="grouping to verify (default: the only one in the store)")
-    samples: int = Field(10_000, gt=0, description="fresh inputs drawn for the minimality check")
+    samples: int | None = Field(None, gt=0, description="fresh inputs drawn for the minimality check "
+                                "(default: as many as stage 1's evaluation set)")
     faithfulness_max: float = Field(0.02, gt=0, description="largest relative error |W - sum of mechanisms| / |W| per matrix")
     output_error_max: float = Field(0.25, gt=0, description="largest output MSE with only the active mechanisms, as a "
                                     "fraction of the MSE with every decomposed matrix ablated (0.25: the mechanisms "

@@ -8,6 +8,7 @@ _OFFSETS = {
     "eval": 3,  # stage-1 evaluation set, stored for stage 2
     "group_samples": 11,  # new inputs when stage 2 asks for more than stored
     "verify": 17,  # fresh inputs for stage 3
+    "truth": 23,  # ground-truth scoring inputs (stage 2: extra 0; verify: 1 + its seed)
 }
 
 

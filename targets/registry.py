@@ -3,7 +3,7 @@ its model, data, training and ground truth, and one line here."""
 
 from __future__ import annotations
 
-from apdkit.targets import resid_mlp, tms
+from apdkit.targets import induction, modadd, resid_mlp, tiny_lm, tms
 from apdkit.targets.spec import TargetSpec
 
 _TMS_SMALL = dict(steps=2000, batch_size=2048, lr=3e-2, lr_schedule="cosine", warmup=0.05,
@@ -13,6 +13,15 @@ _TMS_LARGE = dict(steps=5000, batch_size=2048, lr=1e-2, warmup=0.05, minimality_
 _RESID = dict(n_pieces=130, topk=0.5, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
               faithfulness_coeff=10.0, hidden_coeff=1.0, schatten_p=0.9)
 _RESID_DEEP = dict(_RESID, minimality_coeff=2.0, simplicity_coeff=7.0)
+_INDUCTION_TRAIN = dict(lr=1e-2, weight_decay=0.01, batch=128, steps=5000, warmup=0.02, schedule="cosine")
+_MODADD_TRAIN = dict(lr=5e-3, weight_decay=2.0, batch=0, steps=8000, warmup=0.0, schedule="constant")  # full batch
+_MODADD = dict(n_pieces={"embed": 32, "W_in": 64, "W_out": 32}, topk=4.0, steps=2000, batch_size=512, lr=3e-3,
+               faithfulness_coeff=100.0)
+_TINY_LM_TRAIN = dict(lr=3e-3, weight_decay=0.1, batch=32, steps=3000, warmup=0.02, schedule="cosine")
+_TINY_LM = dict(n_pieces=256, topk=16.0, steps=1000, batch_size=8, lr=3e-3, faithfulness_coeff=1000.0, warmup=0.02,
+                eval_samples=256, log_every=50, checkpoint_every=250)
+_INDUCTION = dict(n_pieces=32, topk=16.0, steps=1000, batch_size=16, lr=1e-2, faithfulness_coeff=1000.0, warmup=0.02, eval_samples=256,
+                  log_every=50, checkpoint_every=250)
 
 TARGETS: dict[str, TargetSpec] = {
     spec.name: spec
@@ -28,6 +37,10 @@ TARGETS: dict[str, TargetSpec] = {
         resid_mlp.spec("resid_mlp", 100, 50, 1, 3000, dict(_RESID, simplicity_coeff=10.0)),
         resid_mlp.spec("resid_mlp2", 100, 25, 2, 3000, _RESID_DEEP),
         resid_mlp.spec("resid_mlp3", 102, 17, 3, 3000, _RESID_DEEP),
+        modadd.spec("modadd", dict(p=53, d_embed=16, d_hidden=128, train_fraction=0.6), _MODADD_TRAIN, _MODADD),
+        tiny_lm.spec("tiny_lm", dict(vocab=256, d_model=128, n_layers=2, heads=4, context=64), _TINY_LM_TRAIN,
+                     _TINY_LM),
+        induction.spec("induction", dict(vocab=128, d_model=32, seq_len=64, n_layers=2), _INDUCTION_TRAIN, _INDUCTION),
     )
 }
 

@@ -41,7 +41,19 @@ class TargetSpec:
     # scores(model, pieces, topk) -> {name: float}; truth_labels(model, pieces, topk, names) -> labels
     scores: Callable | None = None
     truth_labels: Callable | None = None
+    # mechanism_scores(model, pieces, labels {matrix: (C,) int}, topk, generator) -> {name: float}: a
+    # grouping's ground-truth scores, for targets whose answer is about mechanisms (induction, modadd, tiny_lm)
+    mechanism_scores: Callable | None = None
     figures: Callable | None = None  # figures(model, pieces, labels, n_groups) -> [(title, html)]
+    # {score name: the least value that meets the target's recovery criterion}; every
+    # output that prints a score flags one that misses it
+    criteria: dict[str, float] = field(default_factory=dict)
 
     def make(self) -> nn.Module:
         return self.build(**self.arch)
+
+
+def missed_criteria(scores: dict[str, float], criteria: dict[str, float]) -> list[str]:
+    """One line per score below its criterion (scores not given are skipped)."""
+    return [f"{k} = {scores[k]:.4g} misses its criterion >= {v:g}" for k, v in criteria.items()
+            if k in scores and scores[k] < v]

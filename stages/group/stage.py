@@ -167,6 +167,11 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
         _, topk = matrix_settings(target, stage1_cfg)
         truth = target.builtin.truth_labels(target.model, pieces_t, topk, index.names)
         summary["scores"] = partition_scores(labels[alive], truth[alive])
+    if target is not None and target.has_ground_truth and target.builtin.mechanism_scores is not None:
+        reporter.message("scoring mechanisms against the ground truth")
+        _, topk = matrix_settings(target, stage1_cfg)
+        summary["scores"] = target.builtin.mechanism_scores(target.model, pieces_t, index.split(labels), topk,
+                                                            generator(stage1_cfg.seed, "truth"))
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     store = RunStore(store_path, run.model_name)
     store.write_grouping(name, index.split(labels), **summary)

@@ -94,10 +94,11 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
     mech_counts = torch.zeros(n_groups)  # rows on which each mechanism is in the top-k
     mech_used = torch.zeros(n_groups)  # rows on which its attribution is >= USED_SHARE of the row's largest
     zero_masks = {n: torch.zeros(1, U.shape[0]) for n, (U, V) in pieces.items()}
-    reporter.start("verifying on fresh inputs", cfg.samples)
+    n_samples = cfg.samples or stage1_cfg.eval_samples
+    reporter.start("verifying on fresh inputs", n_samples)
     done = 0
-    while done < cfg.samples:
-        n = min(stage1_cfg.batch_size, cfg.samples - done)
+    while done < n_samples:
+        n = min(stage1_cfg.batch_size, n_samples - done)
         x = target.sample(n, gen)
         target_out = model.forward(x).output
         rows = target_out.shape[0]
@@ -184,7 +185,13 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
             "threshold": (f"each inserted identity is one mechanism of its own, used (attribution >= {USED_SHARE} of "
                           f"the input's largest) on >= {cfg.identity_active_min} of inputs"),
         }
-    result = {"grouping": name, "samples": cfg.samples, "passed": all(c["passed"] for c in checks.values()),
-              "checks": checks, "config": cfg.model_dump(), "wall_seconds": round(time.perf_counter() - started, 3)}
+    result = {"grouping": name, "samples": n_samples, "passed": all(c["passed"] for c in checks.values()),
+              "checks": checks, "config": cfg.model_dump()}
+    if target.has_ground_truth and target.builtin.mechanism_scores is not None:
+        # on fresh inputs, beside the checks: ground truth is not a verdict on a user's model
+        reporter.message("scoring mechanisms against the ground truth on fresh inputs")
+        result["truth"] = target.builtin.mechanism_scores(model, pieces, labels, topk, generator(stage1_cfg.seed, "truth",
+                                                                                           1 + cfg.seed))
+    result["wall_seconds"] = round(time.perf_counter() - started, 3)
     RunStore(store_path, run.model_name).write_verify(name, result)
     return result

@@ -1,0 +1,117 @@
+"""A 2-layer attention-only transformer, one head per layer, that does
+in-context copying (induction): in ``[BOS] ... S M ... S`` it predicts M.
+
+Tokens 1..vocab-1 appear at most once in a sequence except for one repeated
+S, so the only way to the answer is the known circuit: a previous-token head
+in layer 0 writes "the token before me was S" into M's position, and the
+induction head in layer 1 attends from the second S to that position and
+copies M. Each head's Q, K, V and O are plain ``nn.Linear`` modules; the
+attention pattern passes through an ``nn.Identity`` (``layers.<l>.pattern``)
+so that scoring can read it with a hook.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from apdkit.targets.spec import HealthReport
+
+BOS = 0
+FLAT_WEIGHT = 0.2  # weight of the loss away from the answer: enough to flatten the logits there
+
+
+class AttentionHead(nn.Module):
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
+        self.pattern = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        T = x.shape[1]
+        scores = self.q(x) @ self.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        pattern = self.pattern(scores.masked_fill(causal, float("-inf")).softmax(-1))
+        return x + self.o(pattern @ self.v(x))
+
+
+class InductionTransformer(nn.Module):
+    def __init__(self, vocab: int = 128, d_model: int = 16, seq_len: int = 64, n_layers: int = 2):
+        super().__init__()
+        self.vocab, self.seq_len = vocab, seq_len
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.5)
+        self.layers = nn.ModuleList(AttentionHead(d_model) for _ in range(n_layers))
+        self.unembed = nn.Linear(d_model, vocab, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        for layer in self.layers:
+            x = layer(x)
+        return self.unembed(x)
+
+
+def induction_batch(n: int, vocab: int, seq_len: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Sequences with one repeated pair: tokens (n, seq_len), the position q of
+    the second S and the answer M (the token after the first S)."""
+    # distinct content tokens per sequence: the first seq_len-1 of a random permutation of 1..vocab-1
+    perm = torch.rand(n, vocab - 1, generator=gen).argsort(dim=1)[:, : seq_len - 1] + 1
+    tokens = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), perm], dim=1)
+    q = torch.randint(3, seq_len, (n,), generator=gen)
+    first = (torch.rand(n, generator=gen) * (q - 2).float()).long() + 1  # in [1, q-2]
+    rows = torch.arange(n)
+    tokens[rows, q] = tokens[rows, first]
+    return tokens, q, tokens[rows, first + 1]
+
+
+def build(**arch) -> InductionTransformer:
+    return InductionTransformer(**arch)
+
+
+def sample(model: InductionTransformer, batch: int, gen: torch.Generator) -> Tensor:
+    return induction_batch(batch, model.vocab, model.seq_len, gen)[0]
+
+
+@torch.no_grad()
+def copy_accuracy(model: nn.Module, tokens: Tensor, q: Tensor, answer: Tensor) -> float:
+    logits = model(tokens)[torch.arange(len(q)), q]
+    return float((logits.argmax(-1) == answer).float().mean())
+
+
+def fit(model: InductionTransformer, recipe: dict, gen: torch.Generator, on_step=None) -> float:
+    """Next-token cross-entropy at every position, the answer M at the second
+    S. Elsewhere the next token is an unseen one at random, so the model
+    learns near-flat logits there: outside the answer position the induction
+    head has little to do, as in a language model. Returns the mean answer
+    loss over the last tenth of the steps."""
+    from apdkit.targets.training import cosine_lr
+
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    steps, warmup = recipe["steps"], int(recipe.get("warmup", 0.0) * recipe["steps"])
+    tail = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = recipe["lr"] * cosine_lr(step, steps, warmup, recipe.get("schedule", "cosine"))
+        tokens, q, answer = induction_batch(recipe["batch"], model.vocab, model.seq_len, gen)
+        rows = torch.arange(len(q))
+        labels = tokens[:, 1:].clone()
+        labels = torch.cat([labels, torch.full((len(q), 1), -100)], dim=1)
+        labels[rows, q] = answer
+        logits = model(tokens)
+        answer_loss = nn.functional.cross_entropy(logits[rows, q], answer)
+        loss = answer_loss + FLAT_WEIGHT * nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step >= steps - max(1, steps // 10):
+            tail.append(answer_loss.detach())
+        if on_step is not None and (step % 100 == 0 or step == steps - 1):
+            on_step(step, float(answer_loss.detach()))
+    return float(torch.stack(tail).mean())
+
+
+def check(model: InductionTransformer, gen: torch.Generator, n: int = 4096) -> HealthReport:
+    """Healthy when held-out in-context copy accuracy is >= 95%."""
+    acc = copy_accuracy(model, *induction_batch(n, model.vocab, model.seq_len, gen))
+    return HealthReport(healthy=acc >= 0.95, summary=f"in-context copy accuracy {acc:.3f} (healthy >= 0.95)",
+                        figures={"copy_accuracy": acc})

@@ -1,0 +1,110 @@
+"""Induction ground truth: two known functions, each implemented by one head.
+
+- ``prev_token``: layer 0's attention from each position to the one before it
+  (mean attention probability on t-1), implemented by layer 0's Q, K, V, O;
+- ``induction``: the in-context copy (accuracy of predicting M at the second
+  S), implemented by layer 1's head on top of layer 0's.
+
+For a grouping into mechanisms, per function: which mechanisms it *needs*
+(ablating one alone takes the function below half its target value), whether
+they lie in the implementing head's matrices (share of their weight norm,
+induction counting only the mechanisms the previous-token function does not
+also need), and whether keeping only them, every other piece ablated,
+preserves it (>= 90% of the target's value). Pure: a model, pieces and
+labels in, floats out.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from apdkit.core.masks import score_inputs
+from apdkit.core.model import DecomposedModel
+from apdkit.core.pieces import Pieces, pieces_sum
+from apdkit.targets.induction.model import induction_batch
+
+FUNCTIONS = {"prev_token": "layers.0.", "induction": "layers.1."}  # function -> its head's matrices
+NEEDED_BELOW = 0.5  # ablating a needed mechanism takes the function below this share of the target's value
+KEEP_MIN = 0.9  # keeping only the needed mechanisms must preserve this share
+EVAL_SEQUENCES = 512
+
+
+@torch.no_grad()
+def function_values(model: DecomposedModel, tokens: Tensor, q: Tensor, answer: Tensor,
+                    pieces: Pieces | None = None, masks: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+    """Both functions on a batch: the target's (no pieces) or the pieces' under
+    ``masks`` (per matrix, (C,) for every row or (rows, C))."""
+    captured = {}
+    handle = model.module.layers[0].pattern.register_forward_hook(
+        lambda mod, args, out: captured.__setitem__("pattern", out))
+    try:
+        if pieces is None:
+            out = model.forward(tokens).output
+        else:
+            rows = tokens.numel()
+            full = {n: (m.expand(rows, -1) if m.dim() == 1 else m).float() for n, m in (masks or {}).items()}
+            out = model.run(tokens, pieces, {n: full.get(n) for n in pieces}).output
+    finally:
+        handle.remove()
+    logits = out.view(tokens.shape[0], tokens.shape[1], -1)[torch.arange(len(q)), q]
+    pattern = captured["pattern"]
+    T = tokens.shape[1]
+    prev = pattern[:, torch.arange(1, T), torch.arange(0, T - 1)].mean()
+    return {"prev_token": float(prev), "induction": float((logits.argmax(-1) == answer).float().mean())}
+
+
+def _eval_batch(model: DecomposedModel, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    m = model.module
+    return induction_batch(EVAL_SEQUENCES, m.vocab, m.seq_len, gen)
+
+
+def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float]) -> dict[str, float]:
+    """Stage 1: each function with the target, all pieces, only each row's
+    active (top-k) pieces, and every piece ablated."""
+    batch = _eval_batch(model, torch.Generator().manual_seed(0))
+    tokens = batch[0]
+    _, active = score_inputs(model, tokens, pieces, topk, block=64)
+    runs = {
+        "target": function_values(model, *batch),
+        "all_pieces": function_values(model, *batch, pieces=pieces),
+        "active_pieces": function_values(model, *batch, pieces=pieces, masks=active),
+        "ablated": function_values(model, *batch, pieces=pieces,
+                                   masks={n: torch.zeros(U.shape[0]) for n, (U, V) in pieces.items()}),
+    }
+    return {f"induction/{f}/{run}": v[f] for run, v in runs.items() for f in FUNCTIONS}
+
+
+def mechanism_scores(model: DecomposedModel, pieces: Pieces, labels: Mapping[str, np.ndarray],
+                     topk: Mapping[str, float], gen: torch.Generator) -> dict[str, float]:
+    """Per function: needed mechanisms, their share in the head, the function
+    with only them kept, and whether it is recovered (see the module doc)."""
+    batch = _eval_batch(model, gen)
+    target = function_values(model, *batch)
+    n_groups = int(max((lab.max() for lab in labels.values()), default=-1)) + 1
+    lab = {n: torch.as_tensor(v) for n, v in labels.items()}
+
+    def keep(groups: set[int], dead: bool) -> dict[str, Tensor]:
+        chosen = torch.tensor(sorted(groups), dtype=torch.long)
+        return {n: (torch.isin(v, chosen) | ((v < 0) & dead)).float() for n, v in lab.items()}
+
+    ablated = [function_values(model, *batch, pieces=pieces, masks=keep(set(range(n_groups)) - {g}, dead=True))
+               for g in range(n_groups)]
+    needed = {f: {g for g in range(n_groups) if ablated[g][f] < NEEDED_BELOW * target[f]} for f in FUNCTIONS}
+    out: dict[str, float] = {}
+    for f, head in FUNCTIONS.items():
+        own = needed[f] - (needed["prev_token"] if f == "induction" else set())
+        members = keep(own, dead=False)
+        norms = {n: float(pieces_sum(U[members[n].bool()], V[members[n].bool()]).norm() ** 2)
+                 for n, (U, V) in pieces.items()}
+        total = sum(norms.values())
+        in_head = sum(v for n, v in norms.items() if n.startswith(head)) / total if total > 0 else 0.0
+        kept = function_values(model, *batch, pieces=pieces, masks=keep(needed[f], dead=False))[f] / max(target[f], 1e-12)
+        out[f"induction/{f}/needed_mechanisms"] = float(len(needed[f]))
+        out[f"induction/{f}/share_in_head"] = in_head
+        out[f"induction/{f}/kept_only_needed"] = kept
+        out[f"induction/{f}/recovered"] = float(bool(own) and in_head >= 0.9 and kept >= KEEP_MIN)
+    return out
