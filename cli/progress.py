@@ -12,10 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 log = logging.getLogger("apdkit")
+WARNING = "warning:"  # stage messages with this prefix are shown without -v
 
 
 class RichReporter:
-    """Progress bars; details (``message``) only when verbose."""
+    """Progress bars; details (``message``) only when verbose, warnings always."""
 
     def __init__(self, enabled: bool = True, verbose: bool = False, console: Console | None = None):
         self.console = console or Console(stderr=True)
@@ -36,7 +37,7 @@ class RichReporter:
         self.progress.stop()
 
     def message(self, text: str) -> None:
-        if self.enabled and self.verbose:
+        if self.enabled and (self.verbose or text.startswith(WARNING)):
             self.progress.console.print(Text(text), highlight=False)
 
     def start(self, task: str, total: int, done: int = 0) -> None:
@@ -72,7 +73,7 @@ class LogReporter:
         log.removeHandler(self.handler)
 
     def message(self, text: str) -> None:
-        log.debug(text)
+        (log.warning if text.startswith(WARNING) else log.debug)(text)
 
     def start(self, task: str, total: int, done: int = 0) -> None:
         self.totals[task] = total

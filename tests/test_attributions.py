@@ -16,7 +16,7 @@ def _random_pieces(model: DecomposedModel, C: int, gen, scale: float = 3.0):
     return {n: (U * scale, V) for n, (U, V) in ((n, init_random(w, C, gen)) for n, w in model.weights().items())}
 
 
-@pytest.mark.parametrize("name", list(TARGETS))
+@pytest.mark.parametrize("name", [n for n, spec in TARGETS.items() if spec.fast_sites is not None])
 def test_closed_form_and_generic_paths_equal_reference(name):
     spec = TARGETS[name]
     gen = torch.Generator().manual_seed(7)

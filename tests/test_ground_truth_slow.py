@@ -33,3 +33,44 @@ def test_resid_mlp_dedicated_w_in_pieces_and_faithful(tmp_path):
     assert scores["resid/dedicated_features/layers.0.W_in"] >= 95
     assert scores["faithfulness_rel_error/layers.0.W_in"] <= 1e-2
     assert scores["faithfulness_rel_error/layers.0.W_out"] <= 1e-2
+
+
+def run_all(tmp_path, model, *extra):
+    store = tmp_path / f"{model}.zarr"
+    result = runner.invoke(app, ["run", "--model", model, "--store", str(store), "-q", *map(str, extra)])
+    assert result.exit_code in (0, 1), result.output  # 1: verify failed; the scores are still written
+    return open_run(store)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_induction_pieces_reproduce_both_functions(tmp_path, seed):
+    scores = run_all(tmp_path, "induction", "--seed", seed, "--method", "mdl").scores()
+    for f in ("prev_token", "induction"):
+        assert scores[f"induction/{f}/all_pieces"] >= 0.95 * scores[f"induction/{f}/target"]
+
+
+# The goals for the transformer targets, as measured failures of the method
+# today (benchmarks/RESULTS.md, "Transformer targets"): strict, so a fix shows up.
+@pytest.mark.xfail(strict=True, reason="measured: the induction head's mechanisms are not recovered (kept-only "
+                   "accuracy <= 0.1 of the target's; mdl groups layer-0 V with layer-1 K and V)")
+@pytest.mark.parametrize("seed", range(3))
+def test_induction_recovers_both_heads(tmp_path, seed):
+    truth = run_all(tmp_path, "induction", "--seed", seed, "--method", "mdl").verification("mdl")["truth"]
+    assert truth["induction/prev_token/recovered"] == 1.0
+    assert truth["induction/induction/recovered"] == 1.0
+
+
+@pytest.mark.xfail(strict=True, reason="measured on 3 seeds: dedicated key fraction 0-0.2, purity 0.24-0.34; "
+                   "every input uses every frequency, so co-activation cannot separate them")
+def test_modadd_key_frequencies_get_dedicated_mechanisms(tmp_path):
+    truth = run_all(tmp_path, "modadd").verification("spectral")["truth"]
+    assert truth["modadd/dedicated_key_fraction"] == 1.0
+    assert truth["modadd/mean_purity"] >= 0.9
+
+
+@pytest.mark.xfail(strict=True, reason="measured: spectral makes 3 mechanisms, 2.8 active per token; the pieces "
+                   "(64 of 1024 active) recover 77% of the cross-entropy")
+def test_tiny_lm_active_mechanisms_recover_the_loss(tmp_path):
+    truth = run_all(tmp_path, "tiny_lm").verification("spectral")["truth"]
+    assert truth["tiny_lm/ce_recovered"] >= 0.9
+    assert truth["tiny_lm/l0_per_token"] <= 0.5 * truth["tiny_lm/alive_mechanisms"]

@@ -219,3 +219,11 @@ def test_target_file_with_nan_weights_is_refused_and_a_good_file_then_works(tms_
     result = apd("stage1", "--model", "tms_5-2", "--store", store, "--target-file", tmp_path / "good.pt",
                  "--config", _small(tmp_path, steps=50), "-q")
     assert result.exit_code == 0, result.output
+
+
+def test_fewer_pieces_than_the_rank_is_warned(tms_store, tmp_path):
+    cfg = _small(tmp_path, steps=20, warm_start_steps=10, checkpoint_every=50, n_pieces=1, eval_samples=100)
+    result = apd("stage1", "--model", "tms_5-2", "--store", tms_store, "--config", cfg)
+    assert result.exit_code == 0, result.output
+    assert "W has rank 2 but 1 pieces" in " ".join(result.output.split())
+    assert open_run(tms_store).scores()["faithfulness_rel_error/W"] > 0.3  # as warned

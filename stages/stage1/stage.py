@@ -121,6 +121,11 @@ def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.
             store.reset_stage(node)
         checkpoint = None
 
+    for name, w in target.model.weights().items():  # fewer pieces than the rank cannot sum to the matrix
+        rank = int(torch.linalg.matrix_rank(w.float()))
+        if n_pieces[name] < rank:
+            reporter.message(f"warning: {name} has rank {rank} but {n_pieces[name]} pieces: they cannot sum to it "
+                             "(faithfulness will fail); give n_pieces >= the rank")
     model = target.model.to(device)
     state = new_state(model, cfg, n_pieces, device, target.sample)
     if checkpoint is not None:
