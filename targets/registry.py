@@ -14,10 +14,10 @@ _RESID = dict(n_pieces=130, topk=0.5, steps=3000, batch_size=256, lr=3e-3, warmu
               faithfulness_coeff=10.0, hidden_coeff=1.0, schatten_p=0.9)
 _RESID_DEEP = dict(_RESID, minimality_coeff=2.0, simplicity_coeff=7.0)
 _INDUCTION_TRAIN = dict(lr=1e-2, weight_decay=0.01, batch=128, steps=5000, warmup=0.02, schedule="cosine")
-_MODADD_TRAIN = dict(lr=5e-3, weight_decay=2.0, batch=0, steps=8000, warmup=0.0, schedule="constant")  # full batch
+_MODADD_TRAIN = dict(lr=5e-3, weight_decay=2.0, steps=8000, warmup=0.0, schedule="constant", betas=(0.9, 0.98))  # full batch
 _MODADD = dict(n_pieces={"embed": 32, "W_in": 64, "W_out": 64}, topk=12.0, steps=2000, batch_size=512, lr=3e-3,
                faithfulness_coeff=1000.0)
-_TINY_LM_TRAIN = dict(lr=3e-3, weight_decay=0.1, batch=32, steps=3000, warmup=0.02, schedule="cosine")
+_TINY_LM_TRAIN = dict(lr=3e-3, weight_decay=0.1, batch=32, steps=3000, warmup=0.02, schedule="cosine", clip=1.0)
 _TINY_LM = dict(n_pieces=256, topk=16.0, steps=1000, batch_size=8, lr=3e-3, faithfulness_coeff=1000.0, warmup=0.02,
                 eval_samples=256, log_every=50, checkpoint_every=250)
 # init random: the data init (input activations) leaves faithfulness at 7-9% and halves what the

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from apdkit.targets.spec import HealthReport
+from apdkit.targets.training import train_loop
 
 BOS = 0
 FLAT_WEIGHT = 0.2  # weight of the loss away from the answer: enough to flatten the logits there
@@ -79,35 +80,21 @@ def copy_accuracy(model: nn.Module, tokens: Tensor, q: Tensor, answer: Tensor) -
 
 
 def fit(model: InductionTransformer, recipe: dict, gen: torch.Generator, on_step=None) -> float:
-    """Next-token cross-entropy at every position, the answer M at the second
-    S. Elsewhere the next token is an unseen one at random, so the model
-    learns near-flat logits there: outside the answer position the induction
-    head has little to do, as in a language model. Returns the mean answer
-    loss over the last tenth of the steps."""
-    from apdkit.targets.training import cosine_lr
-
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
-    steps, warmup = recipe["steps"], int(recipe.get("warmup", 0.0) * recipe["steps"])
-    tail = []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = recipe["lr"] * cosine_lr(step, steps, warmup, recipe.get("schedule", "cosine"))
-        tokens, q, answer = induction_batch(recipe["batch"], model.vocab, model.seq_len, gen)
+    """Cross-entropy on the answer M at the second S, plus FLAT_WEIGHT times
+    the next-token loss elsewhere. There the next token is an unseen one at
+    random, so the model learns near-flat logits: outside the answer position
+    the induction head has little to do, as in a language model."""
+    def batch_loss(g: torch.Generator) -> Tensor:
+        tokens, q, answer = induction_batch(recipe["batch"], model.vocab, model.seq_len, g)
         rows = torch.arange(len(q))
-        labels = tokens[:, 1:].clone()
-        labels = torch.cat([labels, torch.full((len(q), 1), -100)], dim=1)
+        labels = torch.cat([tokens[:, 1:], torch.full((len(q), 1), -100)], dim=1)
         labels[rows, q] = answer
         logits = model(tokens)
         answer_loss = nn.functional.cross_entropy(logits[rows, q], answer)
-        loss = answer_loss + FLAT_WEIGHT * nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step >= steps - max(1, steps // 10):
-            tail.append(answer_loss.detach())
-        if on_step is not None and (step % 100 == 0 or step == steps - 1):
-            on_step(step, float(answer_loss.detach()))
-    return float(torch.stack(tail).mean())
+        return answer_loss + FLAT_WEIGHT * nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                                         ignore_index=-100)
+
+    return train_loop(model, batch_loss, recipe, gen, on_step)
 
 
 def check(model: InductionTransformer, gen: torch.Generator, n: int = 4096) -> HealthReport:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from apdkit.targets.spec import HealthReport
-from apdkit.targets.training import cosine_lr
+from apdkit.targets.training import train_loop
 
 
 class ModAddMLP(nn.Module):
@@ -64,22 +64,7 @@ def fit(model: ModAddMLP, recipe: dict, gen: torch.Generator, on_step=None) -> f
     """Full-batch AdamW with strong weight decay on the training pairs."""
     train, _ = model.split()
     x, y = model.encode(train), model.answers(train)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
-                            betas=(0.9, 0.98))
-    steps, warmup = recipe["steps"], int(recipe.get("warmup", 0.0) * recipe["steps"])
-    tail = []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = recipe["lr"] * cosine_lr(step, steps, warmup, recipe.get("schedule", "constant"))
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step >= steps - max(1, steps // 10):
-            tail.append(loss.detach())
-        if on_step is not None and (step % 100 == 0 or step == steps - 1):
-            on_step(step, float(loss.detach()))
-    return float(torch.stack(tail).mean())
+    return train_loop(model, lambda g: nn.functional.cross_entropy(model(x), y), recipe, gen, on_step)
 
 
 def check(model: ModAddMLP, gen: torch.Generator) -> HealthReport:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from apdkit.targets.spec import HealthReport
-from apdkit.targets.training import cosine_lr
+from apdkit.targets.training import train_loop
 
 CORPUS_BYTES = 4_000_000
 HELD_OUT = 0.1
@@ -108,23 +108,12 @@ def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 
 def fit(model: TinyLM, recipe: dict, gen: torch.Generator, on_step=None) -> float:
     text = corpus_split(held_out=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
-    steps, warmup = recipe["steps"], int(recipe.get("warmup", 0.0) * recipe["steps"])
-    tail = []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = recipe["lr"] * cosine_lr(step, steps, warmup, recipe.get("schedule", "cosine"))
-        tokens = windows(text, recipe["batch"], model.context, gen)
-        loss = next_token_loss(model(tokens), tokens)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step >= steps - max(1, steps // 10):
-            tail.append(loss.detach())
-        if on_step is not None and (step % 100 == 0 or step == steps - 1):
-            on_step(step, float(loss.detach()))
-    return float(torch.stack(tail).mean())
+
+    def batch_loss(g: torch.Generator) -> Tensor:
+        tokens = windows(text, recipe["batch"], model.context, g)
+        return next_token_loss(model(tokens), tokens)
+
+    return train_loop(model, batch_loss, recipe, gen, on_step)
 
 
 def unigram_entropy(text: Tensor) -> float:
