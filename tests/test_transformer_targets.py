@@ -13,6 +13,7 @@ from apdkit.cli.main import app
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import singleton_labels
 from apdkit.targets import registry
+from apdkit.targets.spec import missed_criteria
 from apdkit.targets.induction import model as induction
 from apdkit.targets.induction import scoring as induction_scoring
 from apdkit.targets.modadd import model as modadd
@@ -86,6 +87,16 @@ def test_induction_runs_end_to_end_with_its_scores(tmp_path, monkeypatch):
     assert set(truth) == {f"induction/{f}/{s}" for f in ("prev_token", "induction")
                           for s in ("needed_mechanisms", "share_in_head", "kept_only_needed", "recovered")}
     assert "ground truth" in result.output
+    missed = [f for f in ("prev_token", "induction") if truth[f"induction/{f}/recovered"] < 1.0]
+    assert all(f"MISSED: induction/{f}/recovered" in result.output for f in missed)
+    status = CliRunner().invoke(app, ["status", str(store)])
+    assert status.exit_code == 0, status.output
+    assert ("MISSED" in status.output) == bool(missed)
+
+
+def test_missed_criteria_names_each_score_below_its_criterion():
+    scores = {"a": 0.5, "b": 1.0}
+    assert missed_criteria(scores, {"a": 0.9, "b": 1.0, "not_scored": 1.0}) == ["a = 0.5 misses its criterion >= 0.9"]
 
 
 @pytest.fixture(scope="module")
