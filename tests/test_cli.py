@@ -69,16 +69,22 @@ def test_user_text_is_never_markup(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
+def _stage1_logged(tmp_path, log_to, **settings):
+    """A short tms_5-2 stage 1 with metrics sent to ``log_to``; returns its store."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("".join(f"{k}: {v}\n" for k, v in dict(warm_start_steps=20, log_every=20, **settings).items()))
+    store = tmp_path / "r.zarr"
+    result = runner.invoke(app, ["stage1", "--model", "tms_5-2", "--config", str(cfg), "--store", str(store),
+                                 "--log-to", log_to, "-q"])
+    assert result.exit_code == 0, result.output
+    return store
+
+
 def test_tensorboard_gets_the_loss_curve(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("steps: 200\nwarm_start_steps: 20\neval_samples: 1000\nlog_every: 20\ncheckpoint_every: 100\n")
-    store = tmp_path / "r.zarr"
-    result = runner.invoke(app, ["stage1", "--model", "tms_5-2", "--config", str(cfg), "--store", str(store),
-                                 "--log-to", "tensorboard", "-q"])
-    assert result.exit_code == 0, result.output
+    store = _stage1_logged(tmp_path, "tensorboard", steps=200, eval_samples=1000, checkpoint_every=100)
     events = EventAccumulator(str(store / "tensorboard"))
     events.Reload()
     curve = events.Scalars("stage1/total")
@@ -93,11 +99,6 @@ def test_wandb_offline_gets_the_metrics(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("steps: 60\nwarm_start_steps: 20\neval_samples: 500\nlog_every: 20\ncheckpoint_every: 20\n")
-    store = tmp_path / "r.zarr"
-    result = runner.invoke(app, ["stage1", "--model", "tms_5-2", "--config", str(cfg), "--store", str(store),
-                                 "--log-to", "wandb", "-q"])
-    assert result.exit_code == 0, result.output
+    store = _stage1_logged(tmp_path, "wandb", steps=60, eval_samples=500, checkpoint_every=20)
     runs = list((store / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
