@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -68,6 +69,10 @@ def reporter(quiet: bool):
 
 
 def _fail(message: str) -> None:
+    from apdkit.pipeline.launch import is_follower
+
+    if is_follower():  # one line from rank 0 is enough
+        raise typer.Exit(2)
     # user text is printed as plain text: no markup is interpreted in it
     err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -157,20 +162,29 @@ def stage1(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training objective"),
     log_to: Optional[str] = typer.Option(None, "--log-to", help="also send training metrics to tensorboard "
                                          "(<store>/tensorboard) or wandb (needs its extra)"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="data-parallel processes on this machine "
+                                        "(torch.distributed, launched with torchrun); same result as one"),
     as_json: bool = typer.Option(False, "--json", help="print the scores as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Learn rank-1 pieces of every decomposed matrix (APD objective)."""
     from apdkit.pipeline.api import stage1_config
+    from apdkit.pipeline.launch import is_follower, is_replica, launch, without_option
     from apdkit.stages.stage1.stage import run_stage1
 
+    if nproc is not None and nproc > 1 and not is_replica():
+        raise typer.Exit(launch(nproc, without_option(sys.argv[1:], "--nproc")))
     path = store or default_store(model)
+    silent = is_follower()
     with user_errors(path):
         ref = target_ref(model, data, modules, output, insert_identity, hidden)
         cfg = stage1_config(ref, config, steps=steps, seed=seed, device=device, compile=compile)
-        with reporter(quiet or as_json) as rep, tracked(log_to, path, ref.model) as on_metrics:
+        with reporter(quiet or as_json or silent) as rep, \
+                tracked(None if silent else log_to, path, ref.model) as on_metrics:
             scores = run_stage1(path, ref, cfg, force=force, target_file=target_file, reporter=rep,
                                 on_metrics=on_metrics)
+    if silent:
+        return
     if as_json:
         print(json.dumps(scores, indent=2))
     else:
@@ -404,3 +418,4 @@ def config_show(
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+

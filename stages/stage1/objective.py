@@ -25,15 +25,18 @@ def objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], 
               V: Mapping[str, Tensor], topk: Mapping[str, float], coeffs: Mapping[str, float], schatten_p: float,
               simplicity_weight: float, max_exact_outputs: int = 512, probes: int = 64,
               gen: torch.Generator | None = None,
-              timer: Callable[[str], ContextManager] = no_timer) -> dict[str, Tensor]:
+              timer: Callable[[str], ContextManager] = no_timer,
+              select: Callable[[Mapping[str, Tensor], Mapping[str, float]], dict[str, Tensor]] = topk_masks,
+              ) -> dict[str, Tensor]:
     """All loss terms for one batch. ``coeffs`` has faithfulness, minimality,
-    hidden and simplicity weights."""
+    hidden and simplicity weights. ``select`` turns attributions into masks
+    (batch top-k; data-parallel replicas take it over the global batch)."""
     n_weights = sum(w.numel() for w in weights.values())
     faith = faithfulness_loss(weights, U, V)
     pieces = {n: (U[n].detach(), V[n].detach()) for n in U}
     scores, target = attributions(model, x, pieces, max_exact_outputs, probes, gen, timer)
     with timer("top-k forward"):
-        masks = topk_masks(scores, topk)
+        masks = select(scores, topk)
         fwd = model.run(x, {n: (U[n], V[n]) for n in U}, {n: m.to(x.dtype) for n, m in masks.items()},
                         hidden=bool(target.hidden))
     minimality = torch.nn.functional.mse_loss(fwd.output, target.output)

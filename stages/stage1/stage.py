@@ -18,8 +18,9 @@ from apdkit.stages.config import ConfigError, Stage1Config
 from apdkit.stages.errors import StageError
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
+from apdkit.stages.stage1.parallel import Replicas, replicas_from_env
 from apdkit.stages.stage1.train import NonFiniteLoss, new_state, total_steps, train
-from apdkit.stages.target import Target, ensure_target, load_state_file, matrix_settings, prepare
+from apdkit.stages.target import Target, ensure_target, load_from_store, load_state_file, matrix_settings, prepare
 from apdkit.stores.run import GROUPINGS, STAGE1, VERIFY, Run, RunStore, check_writable, iter_chunks, writer_lock
 from apdkit.targets.load import TargetRef, build_module
 
@@ -41,8 +42,21 @@ def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: n
     where a given ``module`` came from (its import path when the caller built
     it from ``ref``: then the store's weights are the truth on resume)."""
     reporter = reporter or SilentReporter()
+    replicas, device_name = replicas_from_env(cfg.device)  # several under torchrun
+    try:
+        return _run_stage1(store_path, ref, cfg, module, data, force, target_file, reporter, on_metrics, source,
+                           replicas, resolve_device(device_name))
+    finally:
+        replicas.close()
+
+
+def _run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.Module | None, data: Any,
+                force: bool, target_file: Path | None, reporter: Reporter,
+                on_metrics: Callable[[dict[str, float]], None] | None, source: str, replicas: Replicas,
+                device: torch.device) -> dict[str, float] | None:
     # all validation before the first write: device, store, model, layers, data, settings
-    device = resolve_device(cfg.device)
+    if cfg.batch_size % replicas.world_size:
+        raise StageError(f"batch_size {cfg.batch_size} does not split evenly over {replicas.world_size} processes")
     check_writable(store_path, ref.model)
     if target_file is not None:
         if ref.builtin is None:
@@ -53,8 +67,41 @@ def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: n
         module, source = build_module(ref), ref.model
     checked = prepare(ref, module if module is not None else ref.builtin.make(), data)
     check_resources(checked, cfg, matrix_settings(checked, cfg)[0], store_path)
+    if not replicas.writes:
+        return _follow(store_path, cfg, module, data, device, replicas)
+    started = False
+
+    def start(state_dict: dict) -> None:  # the other replicas begin from rank 0's exact state
+        nonlocal started
+        started = True
+        replicas.share(state_dict)
+
     with writer_lock(store_path, create=True):
-        return _run_locked(store_path, ref, cfg, module, data, force, source, device, reporter, on_metrics)
+        try:
+            return _run_locked(store_path, ref, cfg, module, data, force, source, device, reporter, on_metrics,
+                               replicas, start)
+        finally:
+            if not started:  # nothing to train, or a failure before training: release the others
+                replicas.share(None)
+
+
+def _follow(store_path: Path, cfg: Stage1Config, module: nn.Module | None, data: Any, device: torch.device,
+            replicas: Replicas) -> None:
+    """A replica other than rank 0: wait for rank 0 to prepare the store,
+    start from its state, train, write nothing."""
+    state_dict = replicas.share()
+    if state_dict is None:  # rank 0 found nothing to train, or failed
+        return None
+    target = load_from_store(Run(store_path), module=module, data=data)
+    n_pieces, topk = matrix_settings(target, cfg)
+    model = target.model.to(device)
+    state = new_state(model, cfg, n_pieces, device, target.sample)
+    state.load_state_dict(state_dict)
+    try:
+        train(model, target.sample, cfg, topk, state, device=device, replicas=replicas)
+    except NonFiniteLoss:
+        pass  # rank 0 reports it
+    return None
 
 
 def _available_memory() -> int | None:
@@ -96,7 +143,8 @@ def check_resources(target: Target, cfg: Stage1Config, n_pieces: dict[str, int],
 
 def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.Module | None, data: Any,
                 force: bool, source: str, device: torch.device, reporter: Reporter,
-                on_metrics: Callable[[dict[str, float]], None] | None) -> dict[str, float]:
+                on_metrics: Callable[[dict[str, float]], None] | None, replicas: Replicas,
+                start: Callable[[dict], None]) -> dict[str, float]:
     store = RunStore(store_path, ref.model)
     target = ensure_target(store, ref, cfg.seed, module, data, source, reporter)
     started = time.perf_counter()
@@ -131,7 +179,8 @@ def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.
     if checkpoint is not None:
         state.load_state_dict(checkpoint["state"])
         reporter.message(f"resuming stage1 from step {state.step}")
-    store.set_stage(STAGE1, "running", config=cfg.model_dump())
+    store.set_stage(STAGE1, "running", config=cfg.model_dump(), world_size=replicas.world_size)
+    start(state.state_dict())
 
     end = total_steps(cfg)
     task = f"stage1 {ref.model}"
@@ -147,7 +196,7 @@ def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.
         store.save_checkpoint(STAGE1, {"config": cfg.model_dump(), "state": s.state_dict()})
 
     try:
-        train(model, target.sample, cfg, topk, state, on_log, on_checkpoint, device)
+        train(model, target.sample, cfg, topk, state, on_log, on_checkpoint, device, replicas=replicas)
     except NonFiniteLoss as e:
         reporter.finish(task)
         store.set_stage(STAGE1, "failed", message=str(e))
@@ -159,6 +208,7 @@ def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.
     store.write_stage1_pieces(pieces)
     store.write_stage1_metrics(state.history)
     store.set_stage(STAGE1, "done", config=cfg.model_dump(), scores=scores, device=str(device),
+                    world_size=replicas.world_size,
                     wall_seconds=round(time.perf_counter() - started, 3),
                     matrices={n: {"param": m.param, "uses": [u.module for u in m.uses], "shape": list(m.shape)}
                               for n, m in target.model.matrices.items()})

@@ -21,6 +21,7 @@ from apdkit.core.pieces import init_from_data, init_random, unit_rows
 from apdkit.stages.config import Stage1Config
 from apdkit.stages.seeds import generator
 from apdkit.stages.stage1.objective import LOSS_NAMES, faithfulness_loss, objective
+from apdkit.stages.stage1.parallel import Replicas
 from apdkit.targets.training import cosine_lr
 
 Sampler = Callable[[int, torch.Generator], Tensor]
@@ -126,9 +127,12 @@ def train(
     on_checkpoint: Callable[[DecompositionState], None] | None = None,
     device: torch.device = torch.device("cpu"),
     timer: Callable[[str], ContextManager] = no_timer,
+    replicas: Replicas = Replicas(),
 ) -> DecompositionState:
     """Run from ``state.step`` to the end. Host syncs happen only every
-    ``log_every`` steps (metrics) and at checkpoints."""
+    ``log_every`` steps (metrics) and at checkpoints. With several
+    ``replicas`` each computes its rows of the global batch; give the
+    callbacks to rank 0 only."""
     weights = {n: w.to(device) for n, w in model.weights().items()}
     loss_fn = torch.compile(objective) if cfg.compile else objective
     coeffs = coefficients(cfg)
@@ -145,19 +149,20 @@ def train(
             losses = {k: torch.zeros((), device=device) for k in LOSS_NAMES}
             losses["total"] = losses["faithfulness"] = faith
         else:
-            x = sample(cfg.batch_size, state.data_gen).to(device)
+            x = sample(cfg.batch_size, state.data_gen)[replicas.rows(cfg.batch_size)].to(device)
             losses = loss_fn(model, x, weights, state.U, V, topk, coeffs, cfg.schatten_p,
                              simplicity_weight_at(cfg, step), cfg.max_exact_outputs, cfg.attribution_probes,
-                             state.data_gen, timer)
+                             state.data_gen, timer, replicas.masks)
         state.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
+        replicas.average_gradients([*state.U.values(), *state.V_raw.values()])
         state.optimizer.step()
         for k in LOSS_NAMES:
             running[k] += losses[k].detach()
         since_log += 1
         state.step += 1
         if state.step % cfg.log_every == 0 or state.step == end:
-            row = {k: float(v) / since_log for k, v in running.items()}
+            row = {k: float(v) / since_log for k, v in replicas.average(running).items()}
             if not all(math.isfinite(v) for v in row.values()):
                 raise NonFiniteLoss(state.step)
             row = {"step": float(state.step), "lr": lr_at(cfg, step), **row}
