@@ -228,10 +228,12 @@ def group(
         cfg = resolve_group(config, method=method, n_groups=n_groups, alpha=alpha, threshold=threshold,
                             resolution=resolution, samples=samples, name=name)
         client = _dask_client(scheduler)
-        with reporter(quiet or as_json) as rep:
-            summary = run_group(path, cfg, force=force, reporter=rep)
-        if client is not None:
-            client.close()
+        try:
+            with reporter(quiet or as_json) as rep:
+                summary = run_group(path, cfg, scheduler=client, force=force, reporter=rep)
+        finally:
+            if client is not None:
+                client.close()
     if as_json:
         print(json.dumps(summary, indent=2))
         return
