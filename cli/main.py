@@ -156,7 +156,7 @@ def stage1(
     config: Optional[Path] = typer.Option(None, help="YAML file of stage-1 settings"),
     steps: Optional[int] = typer.Option(None, help="training steps (after the warm start)"),
     seed: Optional[int] = typer.Option(None, help="seed for target training, data and init"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    device: Optional[str] = typer.Option(None, help="auto (the GPU when there is one, the default) | cpu | cuda"),
     target_file: Optional[Path] = typer.Option(None, help="a state_dict of a built-in architecture to decompose instead of training one"),
     force: bool = typer.Option(False, help="rerun a finished stage from scratch"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training objective"),
@@ -259,6 +259,7 @@ def verify(
     method: Optional[str] = typer.Option(None, "--method", help="name of the grouping to verify (default: the only one)"),
     samples: Optional[int] = typer.Option(None, help="fresh inputs for the minimality check"),
     config: Optional[Path] = typer.Option(None, help="YAML file of verify settings (thresholds)"),
+    device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
 ) -> None:
@@ -270,7 +271,7 @@ def verify(
     with user_errors(path):
         cfg = resolve_verify(config, grouping=method, samples=samples)
         with reporter(quiet or as_json) as rep:
-            result = run_verify(path, cfg, reporter=rep)
+            result = run_verify(path, cfg, reporter=rep, device=device)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -322,7 +323,7 @@ def run_all(
     method: Optional[str] = typer.Option(None, help="grouping method (default spectral)"),
     steps: Optional[int] = typer.Option(None, help="stage-1 training steps (after the warm start)"),
     seed: Optional[int] = typer.Option(None, help="seed for target training, data and init"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    device: Optional[str] = typer.Option(None, help="auto (the GPU when there is one, the default) | cpu | cuda"),
     force: bool = typer.Option(False, help="rerun every stage from scratch (the target is kept)"),
     log_to: Optional[str] = typer.Option(None, "--log-to", help="also send training metrics to tensorboard or wandb"),
     as_json: bool = typer.Option(False, "--json", help="print the verify result as JSON"),

@@ -37,4 +37,4 @@ def run_pipeline(store_path: Path, ref: TargetRef, stage1_cfg: Stage1Config, gro
     if not force and previous is not None and previous.get("config") == verify_cfg.model_dump():
         reporter.message(f"verify of {name!r} already done")
         return previous
-    return run_verify(store_path, verify_cfg, reporter=reporter, target=target)
+    return run_verify(store_path, verify_cfg, reporter=reporter, target=target, device=stage1_cfg.device)

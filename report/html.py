@@ -15,9 +15,10 @@ matplotlib.use("Agg")  # no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import sparse  # noqa: E402
 
 from apdkit.stages.errors import StageError  # noqa: E402
-from apdkit.stages.group.coactivation import CoactivationStats, PieceIndex, coactivation_dask  # noqa: E402
+from apdkit.stages.group.coactivation import PieceIndex, coactivation_dask  # noqa: E402
 from apdkit.stages.group.methods import affinity  # noqa: E402
 from apdkit.stages.target import load_from_store  # noqa: E402
 from apdkit.core.model import TargetError  # noqa: E402
@@ -52,17 +53,14 @@ def loss_curves(run: Run) -> str:
 def coactivation_graph(run: Run, labels: dict[str, np.ndarray]) -> str:
     pieces = run.pieces()
     index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in pieces.items()})
-    masks, scores = run.eval_dask(list(index.names))
-    stats = coactivation_dask(masks, scores)
+    stats = coactivation_dask(run.eval_dask(list(index.names))[0])
     flat = np.concatenate([labels[n] for n in index.names])
     alive = np.flatnonzero(flat >= 0)
-    sub = CoactivationStats(stats.n_samples, stats.counts[alive], stats.co[np.ix_(alive, alive)],
-                            stats.weighted[np.ix_(alive, alive)])
-    A = affinity(sub)
+    A = sparse.triu(affinity(stats.restrict(alive)), k=1).tocoo()
+    strong = A.data > 0.05
     G = nx.Graph()
     G.add_nodes_from(range(len(alive)))
-    rows, cols = np.nonzero(np.triu(A, k=1) > 0.05)
-    G.add_weighted_edges_from((int(i), int(j), float(A[i, j])) for i, j in zip(rows, cols))
+    G.add_weighted_edges_from(zip(A.row[strong].tolist(), A.col[strong].tolist(), A.data[strong].tolist()))
     pos = nx.spring_layout(G, weight="weight", seed=0, k=1.5 / np.sqrt(max(len(alive), 1)))
     fig, ax = plt.subplots(figsize=(7, 6))
     widths = [2 * G[u][v]["weight"] for u, v in G.edges()]

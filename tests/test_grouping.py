@@ -29,7 +29,7 @@ def make_input(masks, truth):
         vecs = dirs[truth[positions]]
         return np.array([np.linalg.matrix_rank(vecs, tol=1e-8)])
 
-    stats = coactivation_numpy(masks, masks.astype(float))
+    stats = coactivation_numpy(masks)
     return GroupingInput(stats, masks, np.zeros(len(truth), dtype=int), union_rank)
 
 

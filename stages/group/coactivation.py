@@ -3,12 +3,11 @@
 The pieces of all decomposed matrices are laid side by side in one index
 space (the "piece index": matrices in sorted name order, pieces in order).
 Statistics are exact integer counts, computed chunk by chunk with dask so
-the (n_samples x n_pieces) masks never need to fit in memory:
+the (n_samples x n_pieces) masks never need to fit in memory, and kept as
+sparse matrices so pairs that never fire together cost nothing:
 
 - ``counts[p]``: inputs on which piece p is active;
-- ``co[p, q]``: inputs on which p and q are both active (``co[p, p] = counts[p]``);
-- ``weighted[p, q]``: sum over inputs of attribution(p) * attribution(q) where
-  both are active.
+- ``co[p, q]``: inputs on which p and q are both active (``co[p, p] = counts[p]``).
 
 ``coactivation_numpy`` is the plain in-memory computation, the reference the
 dask path is tested and benchmarked against.
@@ -19,8 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import dask
 import dask.array as da
 import numpy as np
+from dask import delayed
+from scipy import sparse
 
 
 @dataclass(frozen=True)
@@ -58,69 +60,75 @@ class PieceIndex:
 
 @dataclass(frozen=True)
 class CoactivationStats:
+    """Sparse: only pairs that were ever active together are stored."""
+
     n_samples: int
     counts: np.ndarray  # (P,) int64
-    co: np.ndarray  # (P, P) int64
-    weighted: np.ndarray  # (P, P) float64
+    co: sparse.csr_array  # (P, P) int32 (a count never exceeds the number of inputs)
 
     def merge(self, other: "CoactivationStats") -> "CoactivationStats":
         """Statistics of two disjoint sample sets (e.g. from two processes)."""
         return CoactivationStats(self.n_samples + other.n_samples, self.counts + other.counts,
-                                 self.co + other.co, self.weighted + other.weighted)
+                                 (self.co + other.co).tocsr())
+
+    def restrict(self, keep: np.ndarray) -> "CoactivationStats":
+        """The statistics of the pieces ``keep`` (a boolean mask or indices) only."""
+        idx = np.flatnonzero(keep) if keep.dtype == bool else keep
+        if len(idx) == len(self.counts) and np.array_equal(idx, np.arange(len(idx))):
+            return self  # no copy of a large matrix when every piece is kept
+        return CoactivationStats(self.n_samples, self.counts[idx], self.co[idx][:, idx].tocsr())
 
 
-def _block_stats(m: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """(1, 3, P, P) partial sums of one row chunk: counts on the diagonal of
-    the first, co-activation, weighted co-activation. The 0/1 products run
-    as float32 BLAS: exact, since a chunk's sums stay far below 2**24."""
-    mf = m.astype(np.float32)
-    w = np.where(m, s, 0).astype(np.float32)
-    out = np.empty((1, 2, m.shape[1], m.shape[1]), dtype=np.float64)
-    out[0, 0] = mf.T @ mf
-    out[0, 1] = w.T @ w
-    return out
+def _chunk_co(m: np.ndarray) -> sparse.csr_array:
+    """Co-activation counts of one row chunk: the sparse product of its
+    sparse mask with itself, so the cost follows the active pairs per row."""
+    rows = sparse.csr_array(np.asarray(m, dtype=bool)).astype(np.int32)
+    return (rows.T @ rows).tocsr()
 
 
-MAX_CHUNK_ROWS = 1 << 20  # keeps per-chunk float32 sums exact (< 2**24)
+FOLD_BATCH = 4  # row chunks computed at once (in parallel) before they are added to the running sums
 
 
-def coactivation_dask(masks: da.Array, scores: da.Array, scheduler=None) -> CoactivationStats:
-    """Exact statistics over chunked (n, P) masks and scores, in memory
-    bounded by a few chunks and (P, P) partial sums."""
+def coactivation_dask(masks: da.Array, scheduler=None) -> CoactivationStats:
+    """Exact statistics over chunked (n, P) masks, on any dask scheduler.
+    Chunks are computed FOLD_BATCH at a time and added to one running sparse
+    sum, so memory is that sum and a few chunks' partial sums."""
     P = masks.shape[1]
-    masks = masks.rechunk({0: min(masks.chunksize[0], MAX_CHUNK_ROWS), 1: -1})
-    scores = scores.rechunk(masks.chunks)
-    parts = da.map_blocks(_block_stats, masks, scores, dtype=np.float64, new_axis=[2, 3],
-                          chunks=((1,) * masks.numblocks[0], (2,), (P,), (P,)))
-    total = parts.sum(axis=0).compute(scheduler=scheduler)
-    co = np.rint(total[0]).astype(np.int64)
-    return CoactivationStats(int(masks.shape[0]), co.diagonal().copy(), co, total[1])
+    blocks = masks.rechunk({1: -1}).to_delayed().ravel()
+    co = sparse.csr_array((P, P), dtype=np.int32)
+    for i in range(0, len(blocks), FOLD_BATCH):
+        parts = dask.compute(*[delayed(_chunk_co)(b) for b in blocks[i:i + FOLD_BATCH]], scheduler=scheduler)
+        co = (co + sum(parts[1:], parts[0])).tocsr()  # the small sums first: one full-size temporary per batch
+        del parts
+    return CoactivationStats(int(masks.shape[0]), co.diagonal().astype(np.int64), co)
 
 
-def coactivation_numpy(masks: np.ndarray, scores: np.ndarray) -> CoactivationStats:
-    """All rows at once, in float64 (exact for counts below 2**53)."""
-    m = masks.astype(np.float64)
-    w = np.where(masks, scores.astype(np.float64), 0.0)
-    co = np.rint(m.T @ m).astype(np.int64)
-    return CoactivationStats(masks.shape[0], co.diagonal().copy(), co, w.T @ w)
+def coactivation_numpy(masks: np.ndarray) -> CoactivationStats:
+    """All rows at once (the reference the chunked path is tested against)."""
+    co = _chunk_co(masks)
+    return CoactivationStats(masks.shape[0], co.diagonal().astype(np.int64), co)
+
+
+def _chunk_group_counts(m: np.ndarray, member: sparse.csr_array) -> np.ndarray:
+    any_member = (sparse.csr_array(np.asarray(m, dtype=bool)).astype(np.int32) @ member).tocsr()
+    any_member.eliminate_zeros()
+    return np.bincount(any_member.indices, minlength=member.shape[1])[None, :]
 
 
 def group_activity_counts(masks: da.Array, labels: np.ndarray, n_groups: int, scheduler=None) -> np.ndarray:
     """For each group g, on how many inputs at least one member is active:
-    the s_g of the description length. Exact, chunked."""
-    member = np.zeros((labels.shape[0], n_groups), dtype=np.float32)
-    alive = labels >= 0
-    member[np.flatnonzero(alive), labels[alive]] = 1
-    any_active = (masks.astype(np.float32) @ member) > 0
-    return np.asarray(any_active.sum(axis=0).compute(scheduler=scheduler)).astype(np.int64)
+    the s_g of the description length. Exact, chunked, sparse."""
+    alive = np.flatnonzero(labels >= 0)
+    member = sparse.csr_array((np.ones(len(alive), dtype=np.int32), (alive, labels[alive])),
+                              shape=(labels.shape[0], n_groups))
+    masks = masks.rechunk({1: -1})
+    parts = masks.map_blocks(_chunk_group_counts, member, dtype=np.int64, chunks=((1,) * masks.numblocks[0], (n_groups,)))
+    return np.asarray(parts.sum(axis=0).compute(scheduler=scheduler)).astype(np.int64)
 
 
-def jaccard(stats: CoactivationStats) -> np.ndarray:
-    """|p and q| / |p or q|: the default affinity (0 where neither fires)."""
-    union = stats.counts[:, None] + stats.counts[None, :] - stats.co
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(union > 0, stats.co / np.maximum(union, 1), 0.0)
-    return out
+def jaccard(co: np.ndarray, count_p: np.ndarray, count_q: np.ndarray) -> np.ndarray:
+    """|p and q| / |p or q| of pairs given by their co-activation and counts."""
+    return co / np.maximum(count_p + count_q - co, 1)
 
 
 def alive_pieces(stats: CoactivationStats, min_rate: float) -> np.ndarray:

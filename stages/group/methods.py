@@ -11,6 +11,9 @@ from typing import Callable
 
 import networkx as nx
 import numpy as np
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components
+from scipy.sparse.linalg import eigsh
 from sklearn.cluster import SpectralClustering
 
 from apdkit.stages.group.coactivation import CoactivationStats, jaccard
@@ -45,57 +48,117 @@ CHANCE_LIFT = 2.0  # co-activation must beat independence by this factor to link
 ALWAYS_TOGETHER = 0.9  # ... unless they (almost) never fire apart
 
 
-def affinity(stats: CoactivationStats) -> np.ndarray:
+AFFINITY_ROWS = 1024  # rows of the co-activation matrix filtered at once (bounds the temporaries)
+
+
+def chance_z(n_pieces: int) -> float:
+    """Standard deviations by which a pair's co-activation must exceed
+    chance: sqrt(2 ln(pairs)), the Gaussian bound under which no pair among
+    them is expected to get there by chance. With many pieces a fixed lift
+    is not enough: among 10^8 pairs some independent ones double their
+    expected count."""
+    return float(np.sqrt(2 * np.log(max(n_pieces * (n_pieces - 1) / 2, 2))))
+
+
+def affinity(stats: CoactivationStats) -> sparse.csr_array:
     """Jaccard co-activation, kept only where two pieces fire together at
-    least CHANCE_LIFT times as often as independent pieces would: coincidences
-    between unrelated pieces (two features on the same input) are not links.
+    least CHANCE_LIFT times as often as independent pieces would, and by more
+    than chance_z standard deviations (of a count with variance max(expected,
+    1)): coincidences between unrelated pieces (two features on the same
+    input) are not links.
     Pieces that nearly always fire together (Jaccard >= ALWAYS_TOGETHER) stay
     linked even when both fire on most inputs, where chance says nothing
-    (an inserted identity is on for every input)."""
-    A = jaccard(stats)
-    expected = np.outer(stats.counts, stats.counts) / max(stats.n_samples, 1)
-    A[(stats.co < CHANCE_LIFT * expected) & (A < ALWAYS_TOGETHER)] = 0.0
-    np.fill_diagonal(A, 1.0)
-    return A
+    (an inserted identity is on for every input). Sparse, diagonal 1."""
+    P, c = len(stats.counts), stats.counts.astype(np.float64)
+    z = chance_z(P)
+    rows, cols, vals = [np.arange(P)], [np.arange(P)], [np.ones(P)]
+    for start in range(0, P, AFFINITY_ROWS):
+        block = stats.co[start:start + AFFINITY_ROWS].tocoo()
+        r, q, co = block.row + start, block.col, block.data.astype(np.float64)
+        J = jaccard(co, c[r], c[q])
+        expected = c[r] * c[q] / max(stats.n_samples, 1)
+        beyond_chance = (co >= CHANCE_LIFT * expected) & (co >= expected + z * np.sqrt(np.maximum(expected, 1.0)))
+        keep = (beyond_chance | (J >= ALWAYS_TOGETHER)) & (r != q)
+        rows.append(r[keep])
+        cols.append(q[keep])
+        vals.append(J[keep])
+    return sparse.csr_array((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(P, P))
 
 
-def eigengap(A: np.ndarray, max_groups: int) -> int:
-    """The group count (at least 2) after the largest gap among the smallest
-    eigenvalues of the normalised Laplacian of the affinity. The gap after
-    the first eigenvalue is skipped: weak links make most co-activation
-    graphs connected, and that gap only says so."""
-    if len(A) <= 2 or max_groups < 2:
-        return min(len(A), max(1, max_groups))
-    d = A.sum(1)
-    inv = 1.0 / np.sqrt(np.maximum(d, 1e-12))
-    L = np.eye(len(A)) - inv[:, None] * A * inv[None, :]
-    eig = np.sort(np.linalg.eigvalsh(L))[: max_groups + 1]
-    return int(np.argmax(np.diff(eig)[1:])) + 2
+DENSE_EIGEN_MAX = 2000  # larger components: a sparse solver for their first eigenvalues
+SPARSE_EIGEN_COUNT = 100  # ... so at most this many groups in one such component
+
+
+def laplacian_spectrum(A: sparse.csr_array, count: int) -> np.ndarray:
+    """The ``count`` smallest eigenvalues of the normalised Laplacian of a
+    connected affinity graph."""
+    d = np.asarray(A.sum(axis=1)).ravel()
+    inv = sparse.diags_array(1.0 / np.sqrt(np.maximum(d, 1e-12)))
+    norm = inv @ A @ inv  # eigenvalues of L = I - norm
+    n = A.shape[0]
+    if n <= DENSE_EIGEN_MAX:
+        return np.sort(1.0 - np.linalg.eigvalsh(norm.toarray()))[:count]
+    k = min(count, SPARSE_EIGEN_COUNT, n - 2)
+    top = eigsh(norm, k=k, which="LA", return_eigenvectors=False, v0=np.ones(n) / np.sqrt(n))
+    return np.sort(1.0 - top)
+
+
+ONE_GROUP_RATIO = 2.0
+
+
+def eigengap(A: sparse.csr_array, max_groups: int) -> int:
+    """The group count of one connected component: after the largest gap
+    among the smallest eigenvalues of its normalised Laplacian. The gap after
+    the first eigenvalue only says the component is connected (weak links,
+    like those to an always-on identity, connect most of them); it means one
+    group only when it is ONE_GROUP_RATIO times every other gap."""
+    if A.shape[0] <= 2 or max_groups < 2:
+        return 1
+    gaps = np.diff(laplacian_spectrum(A, max_groups + 1))
+    if gaps[0] >= ONE_GROUP_RATIO * gaps[1:].max(initial=0.0):
+        return 1
+    return int(np.argmax(gaps[1:])) + 2
+
+
+def _cluster(A: sparse.csr_array, k: int, seed: int) -> np.ndarray:
+    if k >= A.shape[0]:
+        return np.arange(A.shape[0])
+    if k == 1:
+        return np.zeros(A.shape[0], dtype=np.int64)
+    with warnings.catch_warnings():  # a fixed --n-groups may span components
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        if A.shape[0] > DENSE_EIGEN_MAX:  # scikit-learn takes 32-bit sparse indices only
+            A = sparse.csr_array((A.data, A.indices.astype(np.int32), A.indptr.astype(np.int32)), shape=A.shape)
+        return SpectralClustering(n_clusters=k, affinity="precomputed", assign_labels="discretize",
+                                  random_state=seed).fit_predict(A.toarray() if A.shape[0] <= DENSE_EIGEN_MAX else A)
 
 
 def spectral(inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
-    """Spectral clustering of the (chance-filtered) Jaccard affinity; the
-    number of groups is --n-groups or else the eigengap's."""
+    """Spectral clustering of the (chance-filtered) Jaccard affinity. With
+    --n-groups, of the whole graph into that many groups; otherwise each
+    connected component on its own, into as many groups as its eigengap says,
+    so pieces that never co-activate are never put together."""
     A = affinity(inp.stats)
-    P = len(A)
-    k = s.n_groups if s.n_groups is not None else eigengap(A, min(P - 1, s.max_groups or P - 1))
-    if k >= P:
-        return np.arange(P)
-    if k == 1:
-        return np.zeros(P, dtype=np.int64)
-    with warnings.catch_warnings():  # disconnected co-activation graphs are the normal case here
-        warnings.filterwarnings("ignore", message="Graph is not fully connected")
-        labels = SpectralClustering(n_clusters=k, affinity="precomputed", assign_labels="discretize",
-                                    random_state=s.seed).fit_predict(A)
+    P = A.shape[0]
+    if s.n_groups is not None:
+        return relabel(_cluster(A, s.n_groups, s.seed))
+    n_comp, comp = connected_components(A, directed=False)
+    labels = np.empty(P, dtype=np.int64)
+    start = 0
+    for c in range(n_comp):
+        idx = np.flatnonzero(comp == c)
+        sub = A[idx][:, idx].tocsr()
+        k = eigengap(sub, min(len(idx) - 1, s.max_groups or len(idx) - 1))
+        labels[idx] = start + _cluster(sub, k, s.seed)
+        start += k
     return relabel(labels)
 
 
 def _graph(inp: GroupingInput) -> nx.Graph:
-    A = affinity(inp.stats)
+    A = sparse.triu(affinity(inp.stats), k=1).tocoo()
     G = nx.Graph()
-    G.add_nodes_from(range(len(A)))
-    rows, cols = np.nonzero(np.triu(A, k=1))
-    G.add_weighted_edges_from((int(i), int(j), float(A[i, j])) for i, j in zip(rows, cols))
+    G.add_nodes_from(range(A.shape[0]))
+    G.add_weighted_edges_from(zip(A.row.tolist(), A.col.tolist(), A.data.tolist()))
     return G
 
 
@@ -122,11 +185,12 @@ def leiden(inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
 def threshold(inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
     """Connected components of the graph of Jaccard >= threshold."""
     A = affinity(inp.stats)
-    G = nx.Graph()
-    G.add_nodes_from(range(len(A)))
-    rows, cols = np.nonzero(np.triu(A >= s.threshold, k=1))
-    G.add_edges_from(zip(rows.tolist(), cols.tolist()))
-    return _from_communities(nx.connected_components(G), len(A))
+    A.data[A.data < s.threshold] = 0
+    A.eliminate_zeros()
+    return relabel(connected_components(A, directed=False)[1])
+
+
+MDL_MAX_PIECES = 4000  # mdl holds dense groups x groups matrices
 
 
 def mdl(inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
@@ -141,6 +205,9 @@ def mdl(inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
     """
     masks = inp.sample_masks.astype(bool)
     P = masks.shape[1]
+    if P > MDL_MAX_PIECES:
+        raise GroupingError(f"mdl holds dense groups x groups matrices: at most {MDL_MAX_PIECES} alive pieces "
+                            f"(here {P}); use spectral or louvain")
     members = [np.array([p]) for p in range(P)]
     ranks = np.stack([inp.union_rank(m) for m in members])  # (G, n_matrices)
     active = masks.copy()  # (n, G): is any member active

@@ -37,9 +37,7 @@ def _extra_stats(target: Target, pieces, index: PieceIndex, n_extra: int, stage1
         x = target.sample(n, gen)
         scores, masks = score_inputs(target.model, x, pieces, topk, stage1_cfg.batch_size,
                                      stage1_cfg.max_exact_outputs, stage1_cfg.attribution_probes, gen)
-        m = np.concatenate([masks[k].numpy() for k in index.names], axis=1)
-        s = np.concatenate([scores[k].numpy() for k in index.names], axis=1)
-        stats = coactivation_numpy(m, s)
+        stats = coactivation_numpy(np.concatenate([masks[k].numpy() for k in index.names], axis=1))
         total = stats if total is None else total.merge(stats)
         done += n
         reporter.advance("collecting new samples", done)
@@ -85,13 +83,13 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
             target = None
     pieces = {n: (U.numpy(), V.numpy()) for n, (U, V) in pieces_t.items()}
     index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in pieces.items()})
-    masks, scores = run.eval_dask(list(index.names))
+    masks, _ = run.eval_dask(list(index.names))
     n_stored = masks.shape[0]
 
     n_use = cfg.samples or n_stored
     reporter.message(f"co-activation over {n_use} inputs x {index.total} pieces")
     stored_rows = min(n_use, n_stored)
-    stored_stats = coactivation_dask(masks[:stored_rows], scores[:stored_rows], scheduler=scheduler)
+    stored_stats = coactivation_dask(masks[:stored_rows], scheduler=scheduler)
     stats = stored_stats
     if n_use > n_stored:
         stats = stats.merge(_extra_stats(target, pieces_t, index, n_use - n_stored, stage1_cfg, cfg.chunk, reporter))
@@ -102,8 +100,7 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
         raise StageError("no piece is alive: every piece is active on fewer than min_rate of the inputs")
     if cfg.n_groups is not None and cfg.n_groups > len(alive_idx):
         raise StageError(f"--n-groups {cfg.n_groups} is more than the {len(alive_idx)} alive pieces")
-    sub = CoactivationStats(stats.n_samples, stats.counts[alive], stats.co[np.ix_(alive, alive)],
-                            stats.weighted[np.ix_(alive, alive)])
+    sub = stats.restrict(alive)
     rows = sample_rows(stored_rows, cfg.dl_samples, cfg.seed)
     sample_masks = np.asarray(masks[:stored_rows][rows].compute(scheduler=scheduler))[:, alive]
     matrix_of = index.matrix_of()[alive]

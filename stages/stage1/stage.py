@@ -15,6 +15,7 @@ from torch import nn
 from apdkit.core.masks import score_inputs
 from apdkit.core.pieces import Pieces, pieces_sum
 from apdkit.stages.config import ConfigError, Stage1Config
+from apdkit.stages.device import resolve_device
 from apdkit.stages.errors import StageError
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
@@ -23,14 +24,6 @@ from apdkit.stages.stage1.train import NonFiniteLoss, new_state, total_steps, tr
 from apdkit.stages.target import Target, ensure_target, load_from_store, load_state_file, matrix_settings, prepare
 from apdkit.stores.run import GROUPINGS, STAGE1, VERIFY, Run, RunStore, check_writable, iter_chunks, writer_lock
 from apdkit.targets.load import TargetRef, build_module
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StageError("--device cuda asked for, but torch sees no CUDA device")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: nn.Module | None = None,

@@ -22,6 +22,7 @@ from apdkit.core.attributions import mechanism_attributions
 from apdkit.core.masks import score_inputs
 from apdkit.core.pieces import batch_topk_mask, membership_matrices, pieces_sum
 from apdkit.stages.config import GroupConfig, Stage1Config, VerifyConfig
+from apdkit.stages.device import resolve_device
 from apdkit.stages.errors import StageError
 from apdkit.stages.group.coactivation import PieceIndex
 from apdkit.stages.group.mechanisms import description_length, identity_mechanisms, mechanism_ranks
@@ -48,15 +49,17 @@ def choose_grouping(run: Run, name: str | None) -> str:
 
 
 def run_verify(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = None,
-               target: Target | None = None) -> dict:
-    """See _run_verify_locked; holds the store's writer lock."""
+               target: Target | None = None, device: str = "auto") -> dict:
+    """See _run_verify_locked; holds the store's writer lock. ``device``
+    (auto, cpu, cuda) is where the checks compute; it changes no verdict."""
+    dev = resolve_device(device)
     with writer_lock(store_path):
-        return _run_verify_locked(store_path, cfg, reporter=reporter, target=target)
+        return _run_verify_locked(store_path, cfg, reporter=reporter, target=target, device=dev)
 
 
 @torch.no_grad()
 def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter | None = None,
-                       target: Target | None = None) -> dict:
+                       target: Target | None = None, device: torch.device = torch.device("cpu")) -> dict:
     started = time.perf_counter()
     reporter = reporter or SilentReporter()
     run = Run(store_path)
@@ -84,32 +87,34 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
         faith[matrix] = float((w - pieces_sum(U, V)).norm() / w.norm())
         unused[matrix] = float(pieces_sum(U[dead], V[dead]).norm() / w.norm())
 
-    membership = membership_matrices(labels, n_groups)
+    model.to(device)
+    pieces_on = {n: (U.to(device), V.to(device)) for n, (U, V) in pieces.items()}
+    membership = {n: m.to(device) for n, m in membership_matrices(labels, n_groups).items()}
     k_mech = float(info["mean_active_mechanisms"])
     exact, probes = stage1_cfg.max_exact_outputs, stage1_cfg.attribution_probes
 
     gen = generator(stage1_cfg.seed, "verify", cfg.seed)
     sums = {"pieces_mse": 0.0, "mech_mse": 0.0, "ablated_mse": 0.0, "pieces_active": 0.0, "mech_active": 0.0}
     n_rows = 0
-    mech_counts = torch.zeros(n_groups)  # rows on which each mechanism is in the top-k
-    mech_used = torch.zeros(n_groups)  # rows on which its attribution is >= USED_SHARE of the row's largest
-    zero_masks = {n: torch.zeros(1, U.shape[0]) for n, (U, V) in pieces.items()}
+    mech_counts = torch.zeros(n_groups, device=device)  # rows on which each mechanism is in the top-k
+    mech_used = torch.zeros(n_groups, device=device)  # rows on which its attribution is >= USED_SHARE of the largest
+    zero_masks = {n: torch.zeros(1, U.shape[0], device=device) for n, (U, V) in pieces.items()}
     n_samples = cfg.samples or stage1_cfg.eval_samples
     reporter.start("verifying on fresh inputs", n_samples)
     done = 0
     while done < n_samples:
         n = min(stage1_cfg.batch_size, n_samples - done)
-        x = target.sample(n, gen)
+        x = target.sample(n, gen).to(device)
         target_out = model.forward(x).output
         rows = target_out.shape[0]
-        zero_out = model.run(x, pieces, {k: m.expand(rows, -1) for k, m in zero_masks.items()}).output
+        zero_out = model.run(x, pieces_on, {k: m.expand(rows, -1) for k, m in zero_masks.items()}).output
         # stage-1 pieces, as trained
-        _, piece_masks = score_inputs(model, x, pieces, topk, stage1_cfg.batch_size, exact, probes, gen)
-        out_p = model.run(x, pieces, {k: m.float() for k, m in piece_masks.items()}).output
+        _, piece_masks = score_inputs(model, x, pieces_on, topk, stage1_cfg.batch_size, exact, probes, gen)
+        out_p = model.run(x, pieces_on, {k: m.float() for k, m in piece_masks.items()}).output
         # mechanisms, attributed as wholes
-        mech_scores, _ = mechanism_attributions(model, x, pieces, membership, exact, probes, gen)
+        mech_scores, _ = mechanism_attributions(model, x, pieces_on, membership, exact, probes, gen)
         mech_mask = batch_topk_mask(mech_scores, k_mech).float()
-        out_m = model.run(x, pieces, {k: mech_mask @ membership[k].T for k in pieces}).output
+        out_m = model.run(x, pieces_on, {k: mech_mask @ membership[k].T for k in pieces}).output
         sums["pieces_mse"] += float(((out_p - target_out) ** 2).mean()) * rows
         sums["mech_mse"] += float(((out_m - target_out) ** 2).mean()) * rows
         sums["ablated_mse"] += float(((zero_out - target_out) ** 2).mean()) * rows
@@ -121,6 +126,8 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
         done += n
         reporter.advance("verifying on fresh inputs", done)
     reporter.finish("verifying on fresh inputs")
+    model.to(torch.device("cpu"))
+    mech_counts, mech_used = mech_counts.cpu(), mech_used.cpu()
     avg = {k: v / n_rows for k, v in sums.items()}
 
     index = PieceIndex.from_sizes({p: len(lab) for p, lab in labels.items()})
