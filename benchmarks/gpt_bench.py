@@ -4,6 +4,8 @@ attribution estimate against exact attributions as the number of probes grows.
 
     .venv/bin/python benchmarks/gpt_bench.py            # about 5 minutes on 2 cores
     .venv/bin/python benchmarks/gpt_bench.py --quick    # a tiny model, to check it runs
+    .venv/bin/python benchmarks/gpt_bench.py --size 124m --pieces 64 256 1024 --device cuda
+        # GPT-2 small's shape (124M parameters): step time and peak memory as C grows
 """
 
 from __future__ import annotations
@@ -59,12 +61,27 @@ class GPT(nn.Module):
         return self.head(self.ln(x))
 
 
+SIZES = {
+    "quick": dict(vocab=256, d=32, layers=2, heads=2, seq=16),
+    "14m": dict(vocab=8192, d=384, layers=6, heads=6, seq=64),
+    "124m": dict(vocab=50257, d=768, layers=12, heads=12, seq=128),  # GPT-2 small's shape
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--size", choices=SIZES, default="14m")
+    parser.add_argument("--pieces", type=int, nargs="+", default=None,
+                        help="C per matrix; several: step time and peak memory for each (growth in C)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--probes", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    size = dict(vocab=256, d=32, layers=2, heads=2, seq=16) if args.quick else \
-        dict(vocab=8192, d=384, layers=6, heads=6, seq=64)
+    if args.pieces is not None:
+        return growth_in_pieces(args)
+    size = SIZES["quick" if args.quick else args.size]
     batch, C, steps = (2, 8, 2) if args.quick else (8, 64, 10)
     torch.manual_seed(0)
     model = GPT(**size).eval()
@@ -132,6 +149,55 @@ def main() -> None:
         agree = sum(int((est_masks[n] & exact_masks[n]).sum()) for n in dm.names) / \
             max(1, sum(int(exact_masks[n].sum()) for n in dm.names))
         print(f"  {K:6d} {secs:7.2f}s {err:18.3f} {agree:16.3f}")
+
+
+def growth_in_pieces(args) -> None:
+    """One stage-1 step (median of --steps) and peak memory for each C."""
+    device = torch.device(args.device)
+    size = SIZES["quick" if args.quick else args.size]
+    batch, steps = args.batch or 1, args.steps or 3
+    torch.manual_seed(0)
+    model = GPT(**size).eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    dm = DecomposedModel(model, ["blocks.*.fc_in", "blocks.*.fc_out"])
+    n_mlp = sum(w.numel() for w in dm.weights().values())
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}"
+          f" ({os.cpu_count()} cores), torch {torch.__version__}")
+    print(f"model: GPT {size}, {n_params / 1e6:.1f}M parameters, {len(dm.names)} MLP matrices "
+          f"({n_mlp / 1e6:.1f}M weights) decomposed; batch {batch} x {size['seq']} positions; "
+          f"{args.probes} attribution probes")
+    sample = lambda n, g: torch.randint(size["vocab"], (n, size["seq"]), generator=g)  # noqa: E731
+    print("| C per matrix | piece parameters | step (median) | peak memory |")
+    print("|---|---|---|---|")
+    for C in args.pieces:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        cfg = Stage1Config(n_pieces=C, topk=2.0, batch_size=batch, attribution_probes=args.probes, init="random")
+        state = new_state(dm, cfg, {n: C for n in dm.names}, device, sample)
+        weights = {n: w.to(device) for n, w in dm.weights().items()}
+        topk = {n: 2.0 for n in dm.names}
+        gen = torch.Generator().manual_seed(0)
+        times = []
+        for i in range(steps + 1):
+            t = time.perf_counter()
+            x = sample(batch, gen).to(device)
+            V = {n: unit_rows(v) for n, v in state.V_raw.items()}
+            losses = objective(dm, x, weights, state.U, V, topk, coefficients(cfg), cfg.schatten_p, 1.0,
+                               cfg.max_exact_outputs, cfg.attribution_probes, gen)
+            state.optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            state.optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first step warms up
+                times.append(time.perf_counter() - t)
+        n_piece = sum(u.numel() + v.numel() for u, v in zip(state.U.values(), state.V_raw.values()))
+        peak = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU" if device.type == "cuda"
+                else f"{peak_rss_mib() / 1024:.2f} GiB RSS (process peak so far)")
+        print(f"| {C} | {n_piece / 1e6:.1f}M | {1e3 * statistics.median(times):.0f} ms | {peak} |", flush=True)
+        del state, weights
 
 
 if __name__ == "__main__":

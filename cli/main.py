@@ -159,7 +159,9 @@ def stage1(
     device: Optional[str] = typer.Option(None, help="auto (the GPU when there is one, the default) | cpu | cuda"),
     target_file: Optional[Path] = typer.Option(None, help="a state_dict of a built-in architecture to decompose instead of training one"),
     force: bool = typer.Option(False, help="rerun a finished stage from scratch"),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training objective"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the loss and its "
+                                           "gradient (CUDA graphs on a GPU)"),
+    precision: Optional[str] = typer.Option(None, help="float32 (default) | bfloat16 (autocast)"),
     log_to: Optional[str] = typer.Option(None, "--log-to", help="also send training metrics to tensorboard "
                                          "(<store>/tensorboard) or wandb (needs its extra)"),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="data-parallel processes on this machine "
@@ -178,7 +180,7 @@ def stage1(
     silent = is_follower()
     with user_errors(path):
         ref = target_ref(model, data, modules, output, insert_identity, hidden)
-        cfg = stage1_config(ref, config, steps=steps, seed=seed, device=device, compile=compile)
+        cfg = stage1_config(ref, config, steps=steps, seed=seed, device=device, compile=compile, precision=precision)
         with reporter(quiet or as_json or silent) as rep, \
                 tracked(None if silent else log_to, path, ref.model) as on_metrics:
             scores = run_stage1(path, ref, cfg, force=force, target_file=target_file, reporter=rep,

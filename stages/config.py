@@ -50,7 +50,10 @@ class Stage1Config(BaseModel):
     checkpoint_every: int = Field(500, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = Field(False, description="torch.compile the training objective")
+    compile: bool = Field(False, description="torch.compile the loss and its gradient (on a GPU: CUDA graphs, "
+                          "mode reduce-overhead); same pieces as without, within float tolerance")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16: autocast the forward passes and attributions (faithfulness stays float32)")
     max_exact_outputs: int = Field(512, gt=0, description="exact attributions up to this many outputs per input "
                                    "(sequence positions x output size); above it, a random-probe estimate")
     attribution_probes: int = Field(64, gt=0, description="random probes of the attribution estimate")

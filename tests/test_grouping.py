@@ -70,3 +70,31 @@ def test_description_length_formula():
     # 2 groups active on 3 and 5 inputs, ranks 1 and 2: 3 (1 + a) + 5 (1 + 2a)
     assert description_length(np.array([3, 5]), np.array([1, 2]), alpha=0.5) == pytest.approx(3 * 1.5 + 5 * 2)
     assert relabel(np.array([4, -1, 4, 2])).tolist() == [0, -1, 0, 1]
+
+
+def _input_from_masks(masks):
+    return GroupingInput(coactivation_numpy(masks), masks, np.zeros(masks.shape[1], dtype=int),
+                         lambda positions: np.array([len(positions)]))
+
+
+def test_spectral_never_joins_pieces_that_never_co_activate():
+    # 5 features on disjoint inputs, one piece each: a global eigengap saw 5 zero eigenvalues and no gap
+    rng = np.random.default_rng(0)
+    feature = rng.integers(0, 6, size=5000)  # 5: no feature
+    masks = feature[:, None] == np.arange(5)[None, :]
+    labels = METHODS["spectral"](_input_from_masks(masks), GroupingSettings())
+    assert labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_spectral_splits_a_weak_pair_and_a_hub_keeps_a_strong_one():
+    rng = np.random.default_rng(1)
+    n = 20000
+    a, b = rng.random(n) < 0.05, rng.random(n) < 0.05
+    weak = b | (a & (rng.random(n) < 0.3))  # piece 1 fires with piece 0 far beyond chance, Jaccard ~0.2
+    strong = a & (rng.random(n) < 0.95)  # piece 2 is piece 0 nearly always
+    hub = rng.random(n) < 0.5  # an always-half-on piece linked (weakly) to the independent 4 and 5
+    c, d = rng.random(n) < 0.05, rng.random(n) < 0.05
+    masks = np.stack([a, weak, strong, hub | c | d, c, d], axis=1)
+    labels = METHODS["spectral"](_input_from_masks(masks), GroupingSettings())
+    assert labels[0] == labels[2] and labels[1] != labels[0]
+    assert labels[4] != labels[5]  # joined only through the hub: still apart

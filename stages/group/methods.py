@@ -103,21 +103,26 @@ def laplacian_spectrum(A: sparse.csr_array, count: int) -> np.ndarray:
     return np.sort(1.0 - top)
 
 
-ONE_GROUP_RATIO = 2.0
+ONE_GROUP_LAMBDA = 2 / 3
 
 
 def eigengap(A: sparse.csr_array, max_groups: int) -> int:
-    """The group count of one connected component: after the largest gap
-    among the smallest eigenvalues of its normalised Laplacian. The gap after
-    the first eigenvalue only says the component is connected (weak links,
-    like those to an always-on identity, connect most of them); it means one
-    group only when it is ONE_GROUP_RATIO times every other gap."""
-    if A.shape[0] <= 2 or max_groups < 2:
+    """The group count of one connected component, from the smallest
+    eigenvalues of its normalised Laplacian. One group when the second
+    eigenvalue is at least ONE_GROUP_LAMBDA: every piece is strongly linked
+    to the rest (for two pieces: a Jaccard of at least 1/2; a component tied
+    together through hubs, like an always-on identity linked to every
+    feature, stays well below). Otherwise the count after the largest gap,
+    skipping the gap after the first eigenvalue, which only says the
+    component is connected."""
+    if A.shape[0] == 1 or max_groups < 2:
         return 1
-    gaps = np.diff(laplacian_spectrum(A, max_groups + 1))
-    if gaps[0] >= ONE_GROUP_RATIO * gaps[1:].max(initial=0.0):
+    eig = laplacian_spectrum(A, max_groups + 1)
+    if eig[1] >= ONE_GROUP_LAMBDA:
         return 1
-    return int(np.argmax(gaps[1:])) + 2
+    if len(eig) == 2:
+        return 2
+    return int(np.argmax(np.diff(eig)[1:])) + 2
 
 
 def _cluster(A: sparse.csr_array, k: int, seed: int) -> np.ndarray:

@@ -27,21 +27,26 @@ def objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], 
               gen: torch.Generator | None = None,
               timer: Callable[[str], ContextManager] = no_timer,
               select: Callable[[Mapping[str, Tensor], Mapping[str, float]], dict[str, Tensor]] = topk_masks,
+              low_precision: torch.dtype | None = None,
               ) -> dict[str, Tensor]:
     """All loss terms for one batch. ``coeffs`` has faithfulness, minimality,
     hidden and simplicity weights. ``select`` turns attributions into masks
-    (batch top-k; data-parallel replicas take it over the global batch)."""
+    (batch top-k; data-parallel replicas take it over the global batch).
+    ``low_precision`` (e.g. bfloat16) autocasts the attributions and the
+    masked forward pass; faithfulness, simplicity and the losses' sums stay
+    float32."""
     n_weights = sum(w.numel() for w in weights.values())
     faith = faithfulness_loss(weights, U, V)
     pieces = {n: (U[n].detach(), V[n].detach()) for n in U}
-    scores, target = attributions(model, x, pieces, max_exact_outputs, probes, gen, timer)
-    with timer("top-k forward"):
-        masks = select(scores, topk)
-        fwd = model.run(x, {n: (U[n], V[n]) for n in U}, {n: m.to(x.dtype) for n, m in masks.items()},
-                        hidden=bool(target.hidden))
-    minimality = torch.nn.functional.mse_loss(fwd.output, target.output)
-    hidden = sum((torch.nn.functional.mse_loss(fwd.hidden[h], target.hidden[h]) for h in target.hidden),
-                 torch.zeros((), device=x.device))
+    with torch.autocast(x.device.type, dtype=low_precision or torch.bfloat16, enabled=low_precision is not None):
+        scores, target = attributions(model, x, pieces, max_exact_outputs, probes, gen, timer)
+        with timer("top-k forward"):
+            masks = select({n: v.float() for n, v in scores.items()}, topk)
+            fwd = model.run(x, {n: (U[n], V[n]) for n in U}, {n: m.to(x.dtype) for n, m in masks.items()},
+                            hidden=bool(target.hidden))
+    minimality = torch.nn.functional.mse_loss(fwd.output.float(), target.output.float())
+    hidden = sum((torch.nn.functional.mse_loss(fwd.hidden[h].float(), target.hidden[h].float())
+                  for h in target.hidden), torch.zeros((), device=x.device))
     # Schatten-p of a rank-1 piece is its one singular value |U[c]| (V unit).
     rows = fwd.output.shape[0]
     simplicity = sum((masks[n].sum(0).to(x.dtype) * U[n].norm(dim=1).pow(schatten_p)).sum() for n in U) \

@@ -117,6 +117,14 @@ def coefficients(cfg: Stage1Config) -> dict[str, float]:
             "hidden": cfg.hidden_coeff, "simplicity": cfg.simplicity_coeff}
 
 
+def compiled(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` compiled with its backward: on a GPU in CUDA graphs (mode
+    reduce-overhead: the whole loss and its gradient replayed as one
+    recorded launch sequence, which needs fixed shapes: batch top-k keeps a
+    fixed number of entries); on CPU as inductor's fused kernels."""
+    return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+
+
 def train(
     model: DecomposedModel,
     sample: Sampler,
@@ -134,8 +142,9 @@ def train(
     ``replicas`` each computes its rows of the global batch; give the
     callbacks to rank 0 only."""
     weights = {n: w.to(device) for n, w in model.weights().items()}
-    loss_fn = torch.compile(objective) if cfg.compile else objective
+    loss_fn = compiled(objective, device) if cfg.compile else objective
     coeffs = coefficients(cfg)
+    low_precision = torch.bfloat16 if cfg.precision == "bfloat16" else None
     end = total_steps(cfg)
     running = {k: torch.zeros((), device=device) for k in LOSS_NAMES}
     since_log = 0
@@ -152,7 +161,7 @@ def train(
             x = sample(cfg.batch_size, state.data_gen)[replicas.rows(cfg.batch_size)].to(device)
             losses = loss_fn(model, x, weights, state.U, V, topk, coeffs, cfg.schatten_p,
                              simplicity_weight_at(cfg, step), cfg.max_exact_outputs, cfg.attribution_probes,
-                             state.data_gen, timer, replicas.masks)
+                             state.data_gen, timer, replicas.masks, low_precision)
         state.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         replicas.average_gradients([*state.U.values(), *state.V_raw.values()])
