@@ -98,3 +98,12 @@ def test_spectral_splits_a_weak_pair_and_a_hub_keeps_a_strong_one():
     labels = METHODS["spectral"](_input_from_masks(masks), GroupingSettings())
     assert labels[0] == labels[2] and labels[1] != labels[0]
     assert labels[4] != labels[5]  # joined only through the hub: still apart
+
+
+def test_two_pieces_alone_are_one_group_only_when_strongly_linked():
+    rng = np.random.default_rng(2)
+    a = rng.random(20000) < 0.05
+    for p_together, expected_groups in ((0.9, 1), (0.1, 2)):
+        b = a & (rng.random(20000) < p_together)
+        labels = METHODS["spectral"](_input_from_masks(np.stack([a, b], axis=1)), GroupingSettings())
+        assert len(set(labels.tolist())) == expected_groups, p_together

@@ -153,7 +153,7 @@ def spectral(inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
     for c in range(n_comp):
         idx = np.flatnonzero(comp == c)
         sub = A[idx][:, idx].tocsr()
-        k = eigengap(sub, min(len(idx) - 1, s.max_groups or len(idx) - 1))
+        k = eigengap(sub, min(len(idx), s.max_groups or len(idx)))
         labels[idx] = start + _cluster(sub, k, s.seed)
         start += k
     return relabel(labels)
