@@ -45,22 +45,22 @@ def test_bfloat16_autocast_takes_effect_and_stays_close():
 def verified(id_store, tmp_path):
     store = tmp_path / "run.zarr"
     shutil.copytree(id_store, store)
-    assert CliRunner().invoke(app, ["group", "--store", str(store), "-q"]).exit_code == 0
+    assert CliRunner().invoke(app, ["group", "--store", str(store), "--name", "dev", "-q"]).exit_code == 0
     return store
 
 
 def test_verify_device_cpu_is_the_default_here_and_bad_devices_are_one_line(verified):
     runner = CliRunner()
-    auto = runner.invoke(app, ["verify", "--store", str(verified), "--samples", "2000", "--json", "-q"])
-    first = open_run(verified).verification("spectral")
-    cpu = runner.invoke(app, ["verify", "--store", str(verified), "--samples", "2000", "--device", "cpu", "-q",
+    auto = runner.invoke(app, ["verify", "--store", str(verified), "--method", "dev", "--samples", "2000", "--json", "-q"])
+    first = open_run(verified).verification("dev")
+    cpu = runner.invoke(app, ["verify", "--store", str(verified), "--method", "dev", "--samples", "2000", "--device", "cpu", "-q",
                               "--json"])
     assert auto.exit_code == cpu.exit_code == 0, auto.output + cpu.output
-    again = open_run(verified).verification("spectral")
+    again = open_run(verified).verification("dev")
     assert first["checks"] == again["checks"]
-    bad = runner.invoke(app, ["verify", "--store", str(verified), "--device", "gpu", "-q"])
+    bad = runner.invoke(app, ["verify", "--store", str(verified), "--method", "dev", "--device", "gpu", "-q"])
     assert bad.exit_code == 2 and "--device 'gpu' is not one of auto, cpu, cuda" in bad.output
     if not torch.cuda.is_available():
-        no_gpu = runner.invoke(app, ["verify", "--store", str(verified), "--device", "cuda", "-q"])
+        no_gpu = runner.invoke(app, ["verify", "--store", str(verified), "--method", "dev", "--device", "cuda", "-q"])
         assert no_gpu.exit_code == 2 and "torch sees no CUDA device" in no_gpu.output
-    assert open_run(verified).verification("spectral")["checks"] == first["checks"]  # failures changed nothing
+    assert open_run(verified).verification("dev")["checks"] == first["checks"]  # failures changed nothing
