@@ -69,13 +69,13 @@ def _run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.
         started = True
         replicas.share(state_dict)
 
-    with writer_lock(store_path, create=True):
-        try:
+    try:
+        with writer_lock(store_path, create=True):
             return _run_locked(store_path, ref, cfg, module, data, force, source, device, reporter, on_metrics,
                                replicas, start)
-        finally:
-            if not started:  # nothing to train, or a failure before training: release the others
-                replicas.share(None)
+    finally:
+        if not started:  # nothing to train, or a failure before training (a held lock too): release the others
+            replicas.share(None)
 
 
 def _follow(store_path: Path, cfg: Stage1Config, module: nn.Module | None, data: Any, device: torch.device,
