@@ -165,7 +165,7 @@ def stage1(
     log_to: Optional[str] = typer.Option(None, "--log-to", help="also send training metrics to tensorboard "
                                          "(<store>/tensorboard) or wandb (needs its extra)"),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="data-parallel processes on this machine "
-                                        "(torch.distributed, launched with torchrun); same result as one"),
+                                        "(torch.distributed; torchrun works too); same pieces as one process"),
     as_json: bool = typer.Option(False, "--json", help="print the scores as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:

@@ -53,7 +53,7 @@ def loss_curves(run: Run) -> str:
 def coactivation_graph(run: Run, labels: dict[str, np.ndarray]) -> str:
     pieces = run.pieces()
     index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in pieces.items()})
-    stats = coactivation_dask(run.eval_dask(list(index.names))[0])
+    stats = coactivation_dask(run.eval_masks_dask(list(index.names)))
     flat = np.concatenate([labels[n] for n in index.names])
     alive = np.flatnonzero(flat >= 0)
     A = sparse.triu(affinity(stats.restrict(alive)), k=1).tocoo()

@@ -471,16 +471,14 @@ class Run:
         path = f"{VERIFY}/{grouping}"
         return dict(self.root[path].attrs) if path in self.root else None
 
-    def eval_dask(self, names: list[str]):
-        """Stage 1's evaluation masks and scores of the named matrices, side
-        by side as lazy (n_rows, sum of C) dask arrays, chunked as stored."""
+    def eval_masks_dask(self, names: list[str]):
+        """Stage 1's evaluation masks of the named matrices, side by side as
+        one lazy (n_rows, sum of C) dask array, chunked as stored."""
         import dask.array as da
 
         self._require(STAGE1)
-
-        def side_by_side(node: str):
-            return da.concatenate([da.from_zarr(str(self.path), component=f"{node}/{n}") for n in names], axis=1)
-        return side_by_side(STAGE1_EVAL_MASKS), side_by_side(STAGE1_EVAL_SCORES)
+        return da.concatenate([da.from_zarr(str(self.path), component=f"{STAGE1_EVAL_MASKS}/{n}") for n in names],
+                              axis=1)
 
     def checkpoint_step(self, stage: str) -> int | None:
         """The step of a stage's last checkpoint, or None when it has none."""

@@ -25,7 +25,7 @@ class GroupingInput:
     """What a method sees, restricted to the alive pieces (P of them)."""
 
     stats: CoactivationStats  # (P,) counts, (P, P) co-activation
-    sample_masks: np.ndarray  # (n_sub, P) bool: a sample of inputs, for description lengths
+    sample_masks: np.ndarray  # (n_sub, P) bool: a sample of inputs, for mdl's description lengths (else empty)
     matrix_of: np.ndarray  # (P,) which matrix each piece is in
     union_rank: Callable[[np.ndarray], np.ndarray]  # piece positions -> rank per matrix of their sum
 
@@ -132,10 +132,12 @@ def _cluster(A: sparse.csr_array, k: int, seed: int) -> np.ndarray:
         return np.zeros(A.shape[0], dtype=np.int64)
     with warnings.catch_warnings():  # a fixed --n-groups may span components
         warnings.filterwarnings("ignore", message="Graph is not fully connected")
-        if A.shape[0] > DENSE_EIGEN_MAX:  # scikit-learn takes 32-bit sparse indices only
+        if A.shape[0] <= DENSE_EIGEN_MAX:
+            A = A.toarray()
+        else:  # scikit-learn takes 32-bit sparse indices only
             A = sparse.csr_array((A.data, A.indices.astype(np.int32), A.indptr.astype(np.int32)), shape=A.shape)
         return SpectralClustering(n_clusters=k, affinity="precomputed", assign_labels="discretize",
-                                  random_state=seed).fit_predict(A.toarray() if A.shape[0] <= DENSE_EIGEN_MAX else A)
+                                  random_state=seed).fit_predict(A)
 
 
 def spectral(inp: GroupingInput, s: GroupingSettings) -> np.ndarray:

@@ -83,7 +83,7 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
             target = None
     pieces = {n: (U.numpy(), V.numpy()) for n, (U, V) in pieces_t.items()}
     index = PieceIndex.from_sizes({n: U.shape[0] for n, (U, _) in pieces.items()})
-    masks, _ = run.eval_dask(list(index.names))
+    masks = run.eval_masks_dask(list(index.names))
     n_stored = masks.shape[0]
 
     n_use = cfg.samples or n_stored
@@ -101,8 +101,12 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
     if cfg.n_groups is not None and cfg.n_groups > len(alive_idx):
         raise StageError(f"--n-groups {cfg.n_groups} is more than the {len(alive_idx)} alive pieces")
     sub = stats.restrict(alive)
-    rows = sample_rows(stored_rows, cfg.dl_samples, cfg.seed)
-    sample_masks = np.asarray(masks[:stored_rows][rows].compute(scheduler=scheduler))[:, alive]
+    methods = [m for m in METHODS if m != "leiden"] if cfg.method == "auto" else [cfg.method]
+    if "mdl" in methods:  # only mdl reads a dense sample of the masks (dl_samples x alive pieces)
+        rows = sample_rows(stored_rows, cfg.dl_samples, cfg.seed)
+        sample_masks = np.asarray(masks[:stored_rows][rows].compute(scheduler=scheduler))[:, alive]
+    else:
+        sample_masks = np.zeros((0, len(alive_idx)), dtype=bool)
     matrix_of = index.matrix_of()[alive]
     offsets = index.offsets()
     flat_U = [pieces[n][0] for n in index.names]
@@ -120,7 +124,6 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
     inp = GroupingInput(sub, sample_masks, matrix_of, union_rank)
     settings = GroupingSettings(n_groups=cfg.n_groups, alpha=cfg.alpha, threshold=cfg.threshold,
                                 resolution=cfg.resolution, seed=cfg.seed)
-    methods = [m for m in METHODS if m != "leiden"] if cfg.method == "auto" else [cfg.method]
     results = []
     for method in methods:
         reporter.message(f"grouping with {method}")

@@ -110,8 +110,8 @@ def _available_memory() -> int | None:
 def check_resources(target: Target, cfg: Stage1Config, n_pieces: dict[str, int], store_path: Path) -> None:
     """Refuse, in one line and before anything is written, settings whose
     batch cannot fit in memory or whose evaluation arrays cannot fit on disk
-    (rough lower bounds: the pieces' activations of one batch, and the masks
-    and scores stage 2 reads)."""
+    (rough lower bounds: the pieces' activations of one batch, and the stored
+    evaluation masks and scores)."""
     with torch.no_grad():
         fwd = target.model.forward(target.sample(2, torch.Generator().manual_seed(0)))
     rows_per_input = fwd.output.shape[0] // 2
@@ -210,8 +210,8 @@ def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.
 
 def write_evaluation(store: RunStore, target: Target, cfg: Stage1Config, topk: dict[str, float], pieces: Pieces,
                      device: torch.device, reporter: Reporter) -> dict[str, float]:
-    """Score and mask a fresh evaluation set chunk by chunk (stage 2 reads
-    these), then compute the scores: generic ones, and the target's ground
+    """Score and mask a fresh evaluation set chunk by chunk (stage 2 groups
+    by the masks; the scores are kept for the report and readers), then compute the scores: generic ones, and the target's ground
     truth where it has one."""
     model = target.model
     gen = generator(cfg.seed, "eval")
