@@ -145,6 +145,15 @@ class VerifyConfig(BaseModel):
                                      "grouping must not lose what the pieces reproduce")
     identity_active_min: float = Field(0.99, gt=0, le=1, description="an inserted identity's mechanism must be "
                                        "active on at least this share of fresh inputs")
+    stochastic_samples: int = Field(1, ge=0, description="stochastic and resample checks: random mask draws per "
+                                    "input (0: skip both checks)")
+    adversarial_steps: int = Field(20, ge=0, description="adversarial check: projected gradient steps over the inactive "
+                                   "mechanisms' masks (0: skip the check)")
+    adversarial_step_size: float = Field(0.1, gt=0, le=1, description="adversarial check: change of a mask value per step")
+    adversarial_samples: int = Field(2048, gt=0, description="adversarial check: fresh inputs searched (the first ones "
+                                     "of the minimality check's)")
+    adversarial_error_max: float = Field(0.5, gt=0, description="largest output MSE at the worst masks found, as a "
+                                         "fraction of the MSE with every decomposed matrix ablated")
     seed: int = 0
 
 

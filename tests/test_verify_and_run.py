@@ -41,6 +41,11 @@ def test_verify_passes_on_a_good_decomposition(grouped_id):
     # mechanisms: the identity is one, so fewer active per input than pieces
     assert mini["mechanisms/mean_active"] < mini["pieces/mean_active"]
     assert ver["checks"]["simplicity"]["figures"]["max_mechanism_rank"] == 2
+    for check in ("stochastic", "resample", "adversarial"):
+        assert ver["checks"][check]["figures"]["fraction_of_ablated"] < 0.1, check
+    adv = ver["checks"]["adversarial"]["figures"]
+    assert adv["steps"] == 20 and adv["inputs"] == 2048
+    assert adv["fraction_of_ablated"] >= adv["typical/fraction_of_ablated"]  # the search starts from a random point
 
 
 def test_verify_catches_a_perturbed_mechanism(grouped_id):
@@ -58,6 +63,35 @@ def test_verify_catches_a_perturbed_mechanism(grouped_id):
     result = apd("verify", "--store", grouped_id, "--method", "g", "-q")
     assert result.exit_code == 1
     assert "failed: faithfulness" in result.output
+
+
+def test_verify_catches_cancelling_pieces_in_inactive_mechanisms(grouped_id):
+    """Piece p (mechanism A) also reads piece q's input direction, 6 U_p V_q^T,
+    and piece q (mechanism B) gives that term back: V_p += 6 V_q, U_q -= 6 U_p.
+    Both stay rank 1 and the sum is still W exactly, but an input that has
+    one of A and B on and the other off is far off."""
+    import numpy as np
+
+    from apdkit.stores.run import STAGE1, RunStore
+
+    run = open_run(grouped_id)
+    labels = run.grouping("g")["W"]
+    pieces = run.pieces()
+    U, V = pieces["W"]
+    p, q = (int(np.flatnonzero(labels == g)[0]) for g in (0, 1))
+    V[p] += 6 * V[q]
+    U[q] -= 6 * U[p]
+    store = RunStore(grouped_id, run.model_name)
+    store.write_stage1_pieces(pieces)
+    store.set_stage(STAGE1, "done", **{k: v for k, v in run.attrs(STAGE1).items() if k not in ("status", "checksums")})
+    result = apd("verify", "--store", grouped_id, "--method", "g", "-q")
+    assert result.exit_code == 1, result.output
+    checks = open_run(grouped_id).verification("g")["checks"]
+    assert checks["faithfulness"]["passed"], checks["faithfulness"]["figures"]  # the pieces still sum to W
+    for check in ("stochastic", "resample", "adversarial"):
+        assert not checks[check]["passed"], (check, checks[check]["figures"])
+    adv = checks["adversarial"]["figures"]
+    assert adv["fraction_of_ablated"] > adv["typical/fraction_of_ablated"]
 
 
 def test_verify_without_grouping_is_a_clear_error(id_store):

@@ -7,7 +7,11 @@
   batch top-k of them is kept, and the model run with only those is compared
   with the target, next to the same figures for the stage-1 pieces;
 - simplicity: each mechanism's numerical rank per matrix and the description
-  length, next to the description length of the ungrouped pieces.
+  length, next to the description length of the ungrouped pieces;
+- stochastic, resample, adversarial: with an input's top-k mechanisms on,
+  the others at random values, at another input's choice, or at the worst
+  values a projected gradient search finds (core/inactive.py); the
+  adversarial figure is reported beside the typical (stochastic) one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 from apdkit.core.attributions import mechanism_attributions
+from apdkit.core.inactive import adversarial_masks, mechanism_output_error, resample_masks, stochastic_masks
 from apdkit.core.masks import score_inputs
 from apdkit.core.pieces import batch_topk_mask, membership_matrices, pieces_sum
 from apdkit.stages.config import GroupConfig, Stage1Config, VerifyConfig
@@ -94,7 +99,10 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
     exact, probes = stage1_cfg.max_exact_outputs, stage1_cfg.attribution_probes
 
     gen = generator(stage1_cfg.seed, "verify", cfg.seed)
-    sums = {"pieces_mse": 0.0, "mech_mse": 0.0, "ablated_mse": 0.0, "pieces_active": 0.0, "mech_active": 0.0}
+    sums = {"pieces_mse": 0.0, "mech_mse": 0.0, "ablated_mse": 0.0, "pieces_active": 0.0, "mech_active": 0.0,
+            "stochastic_mse": 0.0, "resample_mse": 0.0}
+    # adversarial search on the first inputs only: per row, worst and typical (stochastic) error, ablated error
+    adv = {"worst": [], "typical": [], "ablated": []}
     n_rows = 0
     mech_counts = torch.zeros(n_groups, device=device)  # rows on which each mechanism is in the top-k
     mech_used = torch.zeros(n_groups, device=device)  # rows on which its attribution is >= USED_SHARE of the largest
@@ -115,6 +123,23 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
         mech_scores, _ = mechanism_attributions(model, x, pieces_on, membership, exact, probes, gen)
         mech_mask = batch_topk_mask(mech_scores, k_mech).float()
         out_m = model.run(x, pieces_on, {k: mech_mask @ membership[k].T for k in pieces}).output
+        zero_err = ((zero_out - target_out) ** 2).mean(dim=1)
+        for _ in range(cfg.stochastic_samples):
+            stoch_err = mechanism_output_error(model, x, pieces_on, membership, stochastic_masks(mech_mask, gen),
+                                               target_out)
+            resample_err = mechanism_output_error(model, x, pieces_on, membership, resample_masks(mech_mask, gen),
+                                                  target_out)
+            sums["stochastic_mse"] += float(stoch_err.mean()) * rows / cfg.stochastic_samples
+            sums["resample_mse"] += float(resample_err.mean()) * rows / cfg.stochastic_samples
+        if cfg.adversarial_steps and done < cfg.adversarial_samples:
+            n_inputs = min(n, cfg.adversarial_samples - done)
+            keep = n_inputs * (rows // n)  # whole inputs: every position of a sequence
+            xa, ta, ma = x[:n_inputs], target_out[:keep], mech_mask[:keep]
+            _, worst = adversarial_masks(model, xa, pieces_on, membership, ma, ta, cfg.adversarial_steps,
+                                         cfg.adversarial_step_size, gen)
+            adv["worst"].append(worst)
+            adv["typical"].append(mechanism_output_error(model, xa, pieces_on, membership, stochastic_masks(ma, gen), ta))
+            adv["ablated"].append(zero_err[:keep])
         sums["pieces_mse"] += float(((out_p - target_out) ** 2).mean()) * rows
         sums["mech_mse"] += float(((out_m - target_out) ** 2).mean()) * rows
         sums["ablated_mse"] += float(((zero_out - target_out) ** 2).mean()) * rows
@@ -176,6 +201,30 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
             "threshold": "description length <= that of the ungrouped pieces",
         },
     }
+    if cfg.stochastic_samples:
+        for check, key in (("stochastic", "stochastic_mse"), ("resample", "resample_mse")):
+            checks[check] = {
+                "passed": avg[key] / ablated <= cfg.output_error_max,
+                "figures": {"output_mse": avg[key], "fraction_of_ablated": avg[key] / ablated,
+                            "draws_per_input": cfg.stochastic_samples},
+                "threshold": f"fraction_of_ablated <= {cfg.output_error_max}",
+            }
+    if adv["worst"]:
+        worst, typical, abl = (torch.cat(adv[k]).cpu() for k in ("worst", "typical", "ablated"))
+        abl_mean = max(float(abl.mean()), 1e-30)
+        checks["adversarial"] = {
+            "passed": float(worst.mean()) / abl_mean <= cfg.adversarial_error_max,
+            "figures": {
+                "fraction_of_ablated": float(worst.mean()) / abl_mean,
+                "typical/fraction_of_ablated": float(typical.mean()) / abl_mean,
+                "worst_over_typical": float(worst.mean()) / max(float(typical.mean()), 1e-30),
+                "worst_input/fraction_of_ablated": float(worst.max()) / abl_mean,
+                "steps": cfg.adversarial_steps,
+                "inputs": min(n_samples, cfg.adversarial_samples),
+            },
+            "threshold": (f"fraction_of_ablated at the worst masks found <= {cfg.adversarial_error_max} "
+                          "(typical: random masks of the same inactive mechanisms)"),
+        }
     if model.identities:
         ident = identity_mechanisms(labels, list(model.identities))
         used = {n: float(mech_used[i["mechanism"]] / n_rows) if i["mechanism"] is not None else 0.0
