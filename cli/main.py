@@ -162,6 +162,7 @@ def stage1(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the loss and its "
                                            "gradient (CUDA graphs on a GPU)"),
     precision: Optional[str] = typer.Option(None, help="float32 (default) | bfloat16 (autocast)"),
+    attribution: Optional[str] = typer.Option(None, help="how pieces are attributed: gradient (default) | integrated_gradients | ablation"),
     log_to: Optional[str] = typer.Option(None, "--log-to", help="also send training metrics to tensorboard "
                                          "(<store>/tensorboard) or wandb (needs its extra)"),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="data-parallel processes on this machine "
@@ -180,7 +181,8 @@ def stage1(
     silent = is_follower()
     with user_errors(path):
         ref = target_ref(model, data, modules, output, insert_identity, hidden)
-        cfg = stage1_config(ref, config, steps=steps, seed=seed, device=device, compile=compile, precision=precision)
+        cfg = stage1_config(ref, config, steps=steps, seed=seed, device=device, compile=compile, precision=precision,
+                            attribution=attribution)
         with reporter(quiet or as_json or silent) as rep, \
                 tracked(None if silent else log_to, path, ref.model) as on_metrics:
             scores = run_stage1(path, ref, cfg, force=force, target_file=target_file, reporter=rep,
@@ -262,16 +264,19 @@ def verify(
     samples: Optional[int] = typer.Option(None, help="fresh inputs for the minimality check"),
     config: Optional[Path] = typer.Option(None, help="YAML file of verify settings (thresholds)"),
     device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda"),
+    attribution: Optional[str] = typer.Option(None, help="how mechanisms are attributed: gradient | "
+                                              "integrated_gradients | ablation (default: as stage 1)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
 ) -> None:
-    """Re-check a grouping: faithfulness, minimality, simplicity. Exit 0 when every check passes, 1 otherwise."""
+    """Re-check a grouping: faithfulness, minimality, simplicity, and the inactive mechanisms under random,
+    resampled and adversarial masks. Exit 0 when every check passes, 1 otherwise."""
     from apdkit.stages.config import resolve_verify
     from apdkit.stages.verify.stage import run_verify
 
     path = _find_store(store, model)
     with user_errors(path):
-        cfg = resolve_verify(config, grouping=method, samples=samples)
+        cfg = resolve_verify(config, grouping=method, samples=samples, attribution=attribution)
         with reporter(quiet or as_json) as rep:
             result = run_verify(path, cfg, reporter=rep, device=device)
     if as_json:
@@ -326,6 +331,7 @@ def run_all(
     steps: Optional[int] = typer.Option(None, help="stage-1 training steps (after the warm start)"),
     seed: Optional[int] = typer.Option(None, help="seed for target training, data and init"),
     device: Optional[str] = typer.Option(None, help="auto (the GPU when there is one, the default) | cpu | cuda"),
+    attribution: Optional[str] = typer.Option(None, help="how pieces are attributed: gradient (default) | integrated_gradients | ablation"),
     force: bool = typer.Option(False, help="rerun every stage from scratch (the target is kept)"),
     log_to: Optional[str] = typer.Option(None, "--log-to", help="also send training metrics to tensorboard or wandb"),
     as_json: bool = typer.Option(False, "--json", help="print the verify result as JSON"),
@@ -339,7 +345,7 @@ def run_all(
     path = store or default_store(model)
     with user_errors(path):
         ref = target_ref(model, data, modules, output, insert_identity, hidden)
-        s1 = stage1_config(ref, config, seed=seed, steps=steps, device=device)
+        s1 = stage1_config(ref, config, seed=seed, steps=steps, device=device, attribution=attribution)
         grp = resolve_group(None, method=method)
         ver = resolve_verify(None)
         with reporter(quiet or as_json) as rep, tracked(log_to, path, ref.model) as on_metrics:

@@ -21,13 +21,16 @@ def topk_masks(scores: Mapping[str, Tensor], topk: Mapping[str, float]) -> dict[
 @torch.no_grad()
 def score_inputs(model: DecomposedModel, x: Tensor, pieces: Pieces, topk: Mapping[str, float], block: int,
                  max_exact_outputs: int = 512, probes: int = 64,
-                 gen: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Attribution scores and top-k masks {matrix: (rows, C)} of ``x``, batch
-    top-k taken over blocks of ``block`` inputs."""
+                 gen: torch.Generator | None = None, method: str = "gradient",
+                 steps: int = 8) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Attribution scores (``method``, ``steps``: core/attributions.py) and
+    top-k masks {matrix: (rows, C)} of ``x``, batch top-k taken over blocks
+    of ``block`` inputs."""
     scores: dict[str, list[Tensor]] = {n: [] for n in pieces}
     masks: dict[str, list[Tensor]] = {n: [] for n in pieces}
     for start in range(0, x.shape[0], block):
-        s, _ = attributions(model, x[start:start + block], pieces, max_exact_outputs, probes, gen)
+        s, _ = attributions(model, x[start:start + block], pieces, max_exact_outputs, probes, gen,
+                            method=method, steps=steps)
         m = topk_masks(s, topk)
         for n in pieces:
             scores[n].append(s[n])

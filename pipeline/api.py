@@ -135,7 +135,8 @@ class RunResults(Run):
         cfg = Stage1Config(**self.config(STAGE1))
         member = membership_matrices(labels, n_groups)
         scores, _ = mechanism_attributions(target.model, x, self.pieces(), member, cfg.max_exact_outputs,
-                                           cfg.attribution_probes, torch.Generator().manual_seed(0))
+                                           cfg.attribution_probes, torch.Generator().manual_seed(0),
+                                           cfg.attribution, cfg.integration_steps)
         k = float(self.grouping_info(name)["mean_active_mechanisms"])
         return batch_topk_mask(scores, k), scores
 

@@ -57,6 +57,10 @@ class Stage1Config(BaseModel):
     max_exact_outputs: int = Field(512, gt=0, description="exact attributions up to this many outputs per input "
                                    "(sequence positions x output size); above it, a random-probe estimate")
     attribution_probes: int = Field(64, gt=0, description="random probes of the attribution estimate")
+    attribution: Literal["gradient", "integrated_gradients", "ablation"] = Field(
+        "gradient", description="how pieces are attributed: gradient at the target; integrated_gradients along the "
+        "path from every piece off to the target; ablation: the output change when a piece is removed")
+    integration_steps: int = Field(8, gt=0, description="integrated_gradients: points on the path")
 
     @field_validator("n_pieces")
     @classmethod
@@ -143,6 +147,8 @@ class VerifyConfig(BaseModel):
                                     "reproduce at least 75% of what the decomposed matrices do to the output)")
     versus_pieces_max: float = Field(1.1, gt=0, description="largest ratio of that fraction to the stage-1 pieces' own: "
                                      "grouping must not lose what the pieces reproduce")
+    attribution: Literal["gradient", "integrated_gradients", "ablation"] | None = Field(
+        None, description="how mechanisms are attributed (default: as stage 1 attributed pieces)")
     identity_active_min: float = Field(0.99, gt=0, le=1, description="an inserted identity's mechanism must be "
                                        "active on at least this share of fresh inputs")
     stochastic_samples: int = Field(1, ge=0, description="stochastic and resample checks: random mask draws per "

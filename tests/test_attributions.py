@@ -99,3 +99,72 @@ def test_estimator_is_unbiased_and_converges():
     for n in model.names:
         mean_sq = torch.stack([d[n] ** 2 for d in draws]).mean(0)
         assert float((mean_sq - exact[n] ** 2).norm() / (exact[n] ** 2).norm()) < 0.1, n
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "ablation"])
+def test_other_methods_equal_their_definition_per_position_on_a_transformer(method):
+    model, pieces, x = _small_transformer()
+    fast, fwd = attributions(model, x, pieces, max_exact_outputs=10_000, method=method, steps=4)
+    slow = reference_attributions(model, x, pieces, method=method, steps=4)
+    grad, _ = attributions(model, x, pieces, max_exact_outputs=10_000)
+    for n in model.names:
+        assert fast[n].shape == (12, 5)
+        assert (fast[n] - slow[n]).abs().max() / slow[n].abs().max() < 1e-5, n
+    # a nonlinear model: the methods differ from the gradient
+    assert max(float((fast[n] - grad[n]).abs().max() / grad[n].abs().max()) for n in model.names) > 0.05
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "ablation"])
+def test_other_methods_equal_their_definition_on_a_toy(method):
+    spec = TARGETS["resid_mlp"]
+    gen = torch.Generator().manual_seed(7)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        module = spec.make()
+    model = decomposed_model(TargetRef("resid_mlp", modules=spec.modules), module)
+    pieces = _random_pieces(model, 4, gen, scale=0.3)
+    x = spec.sample(module, 3, gen)
+    fast, _ = attributions(model, x, pieces, method=method, steps=3)
+    slow = reference_attributions(DecomposedModel(module, spec.modules), x, pieces, method=method, steps=3)
+    tol = 1e-4 if method == "ablation" else 1e-5  # ablation: a float32 difference of two forward passes
+    for n in model.names:
+        assert (fast[n] - slow[n]).abs().max() / slow[n].abs().max() < tol, n
+
+
+def test_all_methods_agree_where_the_output_is_linear_in_the_weights():
+    """y = W x: the output change of a piece is its gradient term exactly."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(5, 3))
+    model = DecomposedModel(module, ["0"])
+    gen = torch.Generator().manual_seed(2)
+    pieces = _random_pieces(model, 4, gen, scale=1.0)
+    x = torch.randn(7, 5, generator=gen)
+    grad, _ = attributions(model, x, pieces)
+    for method in ("integrated_gradients", "ablation"):
+        other, _ = attributions(model, x, pieces, method=method, steps=2)
+        assert torch.allclose(other["0"], grad["0"], rtol=1e-5, atol=1e-7), method
+
+
+def test_methods_on_a_hand_checkable_tms():
+    """TMS 2-1, W = [[1, 0]], x = (0.5, 0), one piece = W. F_0 = ReLU(W_00^2 x_0):
+    the gradient is 2 W_00 x_0 = 1 (A = sqrt(1/2)); removing the piece
+    changes F_0 by 0.5, and so does integrating the gradient 2 alpha x_0 over
+    alpha in [0, 1] (A = sqrt(0.25 / 2) for both)."""
+    from apdkit.targets.tms.model import TMS
+
+    module = TMS(2, 1)
+    with torch.no_grad():
+        module.W.weight.copy_(torch.tensor([[1.0, 0.0]]))
+    model = DecomposedModel(module, ["W", "W_T"])
+    pieces = {"W": (torch.tensor([[1.0]]), torch.tensor([[1.0, 0.0]]))}
+    x = torch.tensor([[0.5, 0.0]])
+    expected = {"gradient": 0.5 ** 0.5, "integrated_gradients": 0.125 ** 0.5, "ablation": 0.125 ** 0.5}
+    for method, value in expected.items():
+        scores, _ = attributions(model, x, pieces, method=method, steps=3)
+        assert torch.allclose(scores["W"], torch.tensor([[value]])), method
+
+
+def test_unknown_method_is_an_error():
+    model, pieces, x = _small_transformer()
+    with pytest.raises(ValueError, match="unknown attribution method"):
+        attributions(model, x, pieces, method="shapley")

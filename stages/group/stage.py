@@ -36,7 +36,8 @@ def _extra_stats(target: Target, pieces, index: PieceIndex, n_extra: int, stage1
         n = min(chunk, n_extra - done)
         x = target.sample(n, gen)
         scores, masks = score_inputs(target.model, x, pieces, topk, stage1_cfg.batch_size,
-                                     stage1_cfg.max_exact_outputs, stage1_cfg.attribution_probes, gen)
+                                     stage1_cfg.max_exact_outputs, stage1_cfg.attribution_probes, gen,
+                                     stage1_cfg.attribution, stage1_cfg.integration_steps)
         stats = coactivation_numpy(np.concatenate([masks[k].numpy() for k in index.names], axis=1))
         total = stats if total is None else total.merge(stats)
         done += n

@@ -27,19 +27,21 @@ def objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], 
               gen: torch.Generator | None = None,
               timer: Callable[[str], ContextManager] = no_timer,
               select: Callable[[Mapping[str, Tensor], Mapping[str, float]], dict[str, Tensor]] = topk_masks,
-              low_precision: torch.dtype | None = None,
+              low_precision: torch.dtype | None = None, attribution: str = "gradient", integration_steps: int = 8,
               ) -> dict[str, Tensor]:
     """All loss terms for one batch. ``coeffs`` has faithfulness, minimality,
     hidden and simplicity weights. ``select`` turns attributions into masks
     (batch top-k; data-parallel replicas take it over the global batch).
     ``low_precision`` (e.g. bfloat16) autocasts the attributions and the
     masked forward pass; faithfulness, simplicity and the losses' sums stay
-    float32."""
+    float32. ``attribution`` and ``integration_steps`` choose the method
+    (core/attributions.py)."""
     n_weights = sum(w.numel() for w in weights.values())
     faith = faithfulness_loss(weights, U, V)
     pieces = {n: (U[n].detach(), V[n].detach()) for n in U}
     with torch.autocast(x.device.type, dtype=low_precision or torch.bfloat16, enabled=low_precision is not None):
-        scores, target = attributions(model, x, pieces, max_exact_outputs, probes, gen, timer)
+        scores, target = attributions(model, x, pieces, max_exact_outputs, probes, gen, timer, attribution,
+                                      integration_steps)
         with timer("top-k forward"):
             masks = select({n: v.float() for n, v in scores.items()}, topk)
             fwd = model.run(x, {n: (U[n], V[n]) for n in U}, {n: m.to(x.dtype) for n, m in masks.items()},

@@ -224,7 +224,7 @@ def write_evaluation(store: RunStore, target: Target, cfg: Stage1Config, topk: d
     for sl in iter_chunks(cfg.eval_samples, cfg.eval_chunk):
         x = target.sample(sl.stop - sl.start, gen).to(device)
         scores, masks = score_inputs(model, x, pieces, topk, cfg.batch_size, cfg.max_exact_outputs,
-                                     cfg.attribution_probes, probe_gen)
+                                     cfg.attribution_probes, probe_gen, cfg.attribution, cfg.integration_steps)
         per_input = next(iter(masks.values())).shape[0] // x.shape[0]
         if arrays is None:
             arrays = store.create_eval_arrays(cfg.eval_samples, tuple(x.shape[1:]), str(x.dtype).replace("torch.", ""),

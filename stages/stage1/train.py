@@ -161,7 +161,8 @@ def train(
             x = sample(cfg.batch_size, state.data_gen)[replicas.rows(cfg.batch_size)].to(device)
             losses = loss_fn(model, x, weights, state.U, V, topk, coeffs, cfg.schatten_p,
                              simplicity_weight_at(cfg, step), cfg.max_exact_outputs, cfg.attribution_probes,
-                             state.data_gen, timer, replicas.masks, low_precision)
+                             state.data_gen, timer, replicas.masks, low_precision,
+                             attribution=cfg.attribution, integration_steps=cfg.integration_steps)
         state.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         replicas.average_gradients([*state.U.values(), *state.V_raw.values()])

@@ -97,6 +97,7 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
     membership = {n: m.to(device) for n, m in membership_matrices(labels, n_groups).items()}
     k_mech = float(info["mean_active_mechanisms"])
     exact, probes = stage1_cfg.max_exact_outputs, stage1_cfg.attribution_probes
+    method, steps = cfg.attribution or stage1_cfg.attribution, stage1_cfg.integration_steps
 
     gen = generator(stage1_cfg.seed, "verify", cfg.seed)
     sums = {"pieces_mse": 0.0, "mech_mse": 0.0, "ablated_mse": 0.0, "pieces_active": 0.0, "mech_active": 0.0,
@@ -117,10 +118,11 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
         rows = target_out.shape[0]
         zero_out = model.run(x, pieces_on, {k: m.expand(rows, -1) for k, m in zero_masks.items()}).output
         # stage-1 pieces, as trained
-        _, piece_masks = score_inputs(model, x, pieces_on, topk, stage1_cfg.batch_size, exact, probes, gen)
+        _, piece_masks = score_inputs(model, x, pieces_on, topk, stage1_cfg.batch_size, exact, probes, gen,
+                                      method, steps)
         out_p = model.run(x, pieces_on, {k: m.float() for k, m in piece_masks.items()}).output
         # mechanisms, attributed as wholes
-        mech_scores, _ = mechanism_attributions(model, x, pieces_on, membership, exact, probes, gen)
+        mech_scores, _ = mechanism_attributions(model, x, pieces_on, membership, exact, probes, gen, method, steps)
         mech_mask = batch_topk_mask(mech_scores, k_mech).float()
         out_m = model.run(x, pieces_on, {k: mech_mask @ membership[k].T for k in pieces}).output
         zero_err = ((zero_out - target_out) ** 2).mean(dim=1)
@@ -241,7 +243,7 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
             "threshold": (f"each inserted identity is one mechanism of its own, used (attribution >= {USED_SHARE} of "
                           f"the input's largest) on >= {cfg.identity_active_min} of inputs"),
         }
-    result = {"grouping": name, "samples": n_samples, "passed": all(c["passed"] for c in checks.values()),
+    result = {"grouping": name, "attribution": method, "samples": n_samples, "passed": all(c["passed"] for c in checks.values()),
               "checks": checks, "config": cfg.model_dump()}
     if target.has_ground_truth and target.builtin.mechanism_scores is not None:
         # on fresh inputs, beside the checks: ground truth is not a verdict on a user's model
