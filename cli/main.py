@@ -354,7 +354,17 @@ def run_all(
         print(json.dumps(result, indent=2))
     else:
         print_verify(result, path)
+        _print_missed_in_store(path, result["grouping"])
     raise typer.Exit(0 if result["passed"] else 1)
+
+
+def _print_missed_in_store(store: Path, grouping: str) -> None:
+    """Flag the stage-1 and grouping ground-truth scores that miss their criteria."""
+    from apdkit import open_run
+
+    run = open_run(store)
+    _print_missed(store, run.attrs("stage1").get("scores", {}))
+    _print_missed(store, run.grouping_info(grouping).get("scores", {}))
 
 
 @app.command()

@@ -142,7 +142,8 @@ def _ablation_sq(model: DecomposedModel, x: Tensor, pieces: Pieces, units: Mappi
     """Mean over outputs of the squared output change when one unit (a piece
     of one matrix, or a mechanism) is removed on one sample row. Replicas of
     the batch, one per (position, unit), each remove one unit at one
-    position; the pass is split so no call holds more than ABLATION_ROWS rows."""
+    position; the pass is split so no call holds more than ABLATION_ROWS rows.
+    A piece is removed by its own rank-1 term per row (O(d) a row, not O(C d))."""
     with torch.no_grad():
         target = model.forward(x, hidden=True)
     rows, batch = target.output.shape[0], target.batch
@@ -153,7 +154,7 @@ def _ablation_sq(model: DecomposedModel, x: Tensor, pieces: Pieces, units: Mappi
     names = list(pieces)
     # what is ablated: (matrix or None for mechanisms, number of units)
     groups = [(n, pieces[n][0].shape[0]) for n in names] if units is None else [(None, n_units)]
-    result: dict[str, Tensor] = {}
+    result: dict[str | None, Tensor] = {}
     for matrix, n in groups:
         sq = torch.zeros(rows, n, dtype=dtype, device=device)
         jobs = per_input * n  # (position, unit) pairs
@@ -162,17 +163,17 @@ def _ablation_sq(model: DecomposedModel, x: Tensor, pieces: Pieces, units: Mappi
             k = min(per_pass, jobs - start)
             job = torch.arange(start, start + k, device=device)
             pos, unit = job // n, job % n
-            eps = torch.zeros(k, batch, per_input, n, dtype=dtype, device=device)
-            eps[torch.arange(k, device=device), :, pos, unit] = -1.0
-            eps = eps.reshape(k * rows, n)
-            if matrix is None:
-                scale = {m: eps @ units[m].T for m in names}
-            else:
-                scale = {m: (eps if m == matrix else torch.zeros(k * rows, pieces[m][0].shape[0], dtype=dtype,
-                                                                   device=device)) for m in names}
             x_rep = x.repeat(k, *([1] * (x.dim() - 1)))
-            out = model.run_added(x_rep, pieces, scale).output.reshape(k, batch, n_out)
-            change = (out - ref).square().mean(dim=2)  # (k, batch)
+            if matrix is None:  # a mechanism: every one of its pieces, in every matrix
+                eps = torch.zeros(k, batch, per_input, n, dtype=dtype, device=device)
+                eps[torch.arange(k, device=device), :, pos, unit] = -1.0
+                eps = eps.reshape(k * rows, n)
+                out = model.run_added(x_rep, pieces, {m: eps @ units[m].T for m in names}).output
+            else:
+                index = torch.full((k, batch, per_input), -1, dtype=torch.long, device=device)
+                index[torch.arange(k, device=device), :, pos] = unit[:, None]
+                out = model.run_removed(x_rep, matrix, pieces[matrix], index.reshape(k * rows)).output
+            change = (out.reshape(k, batch, n_out) - ref).square().mean(dim=2)  # (k, batch)
             row = torch.arange(batch, device=device)[None, :] * per_input + pos[:, None]  # (k, batch)
             sq[row, unit[:, None].expand(k, batch)] = change
         result[matrix] = sq

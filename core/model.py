@@ -100,6 +100,19 @@ def apply_pieces(kind: str, a: Tensor, U: Tensor, V: Tensor, scale: Tensor | Non
     return (inner if scale is None else inner * scale) @ use_out_side(kind, U, V)
 
 
+def one_piece_apply(kind: str, a: Tensor, U: Tensor, V: Tensor, index: Tensor) -> Tensor:
+    """Row n's piece ``index[n]`` applied to row n (index < 0: nothing): no
+    (N, C) product, so removing one piece per row costs O(d) per row."""
+    i = index.clamp_min(0)
+    if kind == "linear":
+        inner, out_side = (a * V[i]).sum(-1), U[i]
+    elif kind == "conv1d":
+        inner, out_side = (a * U[i]).sum(-1), V[i]
+    else:
+        inner, out_side = U[i, a], V[i]
+    return (inner * (index >= 0).to(inner.dtype))[:, None] * out_side
+
+
 def dense_apply(kind: str, a: Tensor, W: Tensor) -> Tensor:
     if kind == "linear":
         return a @ W.T
@@ -157,6 +170,7 @@ class _Pass:
 
     replace: Mapping[str, tuple[Tensor, Tensor, Tensor | None]] = field(default_factory=dict)  # U, V, mask
     add: Mapping[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # U, V, eps
+    remove: Mapping[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # U, V, piece index per row
     per_row: Mapping[str, Tensor] = field(default_factory=dict)  # (N, *shape) weight per row (reference)
     record: list | None = None  # [(matrix, use, a)] of every use, in call order
     hidden: dict | None = None
@@ -266,6 +280,9 @@ class DecomposedModel:
         if name in p.add:
             U, V, eps = p.add[name]
             out = out + apply_pieces(use.kind, a_rows, U, V, eps)
+        if name in p.remove:
+            U, V, index = p.remove[name]
+            out = out - one_piece_apply(use.kind, a_rows, U, V, index)
         return out
 
     def _rows(self, use: Use, a: Tensor) -> Tensor:
@@ -278,10 +295,10 @@ class DecomposedModel:
             rows = self._rows(use, a)
             if p.record is not None:
                 p.record.append((name, use, rows))
-            if not (name in p.replace or name in p.add or name in p.per_row):
+            if not (name in p.replace or name in p.add or name in p.remove or name in p.per_row):
                 return None
             bias = getattr(mod, "bias", None) if use.kind != "embedding" else None
-            if name in p.add:  # output already holds the bias
+            if name in p.add or name in p.remove:  # output already holds the bias
                 new = self._pieces_out(name, use, rows, lambda: output.reshape(len(rows), -1))
             else:
                 new = self._pieces_out(name, use, rows, lambda: None)
@@ -346,6 +363,12 @@ class DecomposedModel:
         """The target plus eps[name][n, c] * piece c on row n: d out / d eps
         is each piece's effect (attributions)."""
         return self._call(x, _Pass(add={n: (U, V, eps[n]) for n, (U, V) in pieces.items()}))
+
+    def run_removed(self, x: Tensor, name: str, piece: tuple[Tensor, Tensor], index: Tensor) -> Forward:
+        """The target with piece ``index[n]`` of matrix ``name`` removed on
+        row n (index < 0: nothing removed): ablation attributions."""
+        U, V = piece
+        return self._call(x, _Pass(remove={name: (U, V, index)}))
 
     def run_per_row(self, x: Tensor, weights: Mapping[str, Tensor]) -> Forward:
         """Each matrix given per sample row, (N, *shape): the slow reference."""

@@ -23,7 +23,7 @@ def missed_criteria(store: Path, scores: dict[str, float]) -> list[str]:
     if run.status(TARGET) != "done":
         return []
     spec = TargetRef.from_dict(run.target_ref()).builtin
-    return missed(scores, spec.criteria) if spec is not None else []
+    return missed(scores, spec.criteria, spec.criteria_max) if spec is not None else []
 
 
 def _took(attrs: dict) -> str:

@@ -48,12 +48,19 @@ class TargetSpec:
     # {score name: the least value that meets the target's recovery criterion}; every
     # output that prints a score flags one that misses it
     criteria: dict[str, float] = field(default_factory=dict)
+    # {score name: the largest value that meets it} (errors)
+    criteria_max: dict[str, float] = field(default_factory=dict)
 
     def make(self) -> nn.Module:
         return self.build(**self.arch)
 
 
-def missed_criteria(scores: dict[str, float], criteria: dict[str, float]) -> list[str]:
-    """One line per score below its criterion (scores not given are skipped)."""
-    return [f"{k} = {scores[k]:.4g} misses its criterion >= {v:g}" for k, v in criteria.items()
-            if k in scores and scores[k] < v]
+def missed_criteria(scores: dict[str, float], criteria: dict[str, float],
+                    criteria_max: dict[str, float] | None = None) -> list[str]:
+    """One line per score below its criterion, or above its ``criteria_max``
+    one (scores not given are skipped)."""
+    low = [f"{k} = {scores[k]:.4g} misses its criterion >= {v:g}" for k, v in criteria.items()
+           if k in scores and scores[k] < v]
+    high = [f"{k} = {scores[k]:.4g} misses its criterion <= {v:g}" for k, v in (criteria_max or {}).items()
+            if k in scores and scores[k] > v]
+    return low + high

@@ -33,3 +33,19 @@ def test_dedicated_pieces_on_hand_made_mask():
         [0, 0, 1, 0],  # piece 2 only here -> dedicated
     ], dtype=torch.bool)
     assert dedicated_pieces(torch.zeros(4, 4), masks).tolist() == [True, True, False, True]
+
+
+def test_toy_criteria_flag_a_missed_feature_and_an_unsummed_identity():
+    from apdkit.targets.registry import TARGETS
+    from apdkit.targets.spec import missed_criteria
+
+    tms = TARGETS["tms_40-10-id"]
+    bad = {"tms/mmcs": 0.8949, "faithfulness_rel_error/hidden": 0.2623}  # tms_40-10-id, seed 0, before the fix
+    assert missed_criteria(bad, tms.criteria, tms.criteria_max) == [
+        "tms/mmcs = 0.8949 misses its criterion >= 0.99",
+        "faithfulness_rel_error/hidden = 0.2623 misses its criterion <= 0.01"]
+    assert missed_criteria({"tms/mmcs": 0.9999, "faithfulness_rel_error/hidden": 0.0016}, tms.criteria,
+                           tms.criteria_max) == []
+    resid = TARGETS["resid_mlp3"]
+    assert missed_criteria({"resid/dedicated_features": 97.0}, resid.criteria, resid.criteria_max) == [
+        "resid/dedicated_features = 97 misses its criterion >= 98"]

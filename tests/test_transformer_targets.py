@@ -97,6 +97,7 @@ def test_induction_runs_end_to_end_with_its_scores(tmp_path, monkeypatch):
 def test_missed_criteria_names_each_score_below_its_criterion():
     scores = {"a": 0.5, "b": 1.0}
     assert missed_criteria(scores, {"a": 0.9, "b": 1.0, "not_scored": 1.0}) == ["a = 0.5 misses its criterion >= 0.9"]
+    assert missed_criteria(scores, {}, {"a": 0.4, "b": 1.0}) == ["a = 0.5 misses its criterion <= 0.4"]
 
 
 @pytest.fixture(scope="module")

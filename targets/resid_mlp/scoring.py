@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import Pieces
@@ -22,9 +23,13 @@ def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float]) ->
         out[f"resid/{tag}/mean_output_mse"] = float(mse.mean())
         out[f"resid/{tag}/max_output_mse"] = float(mse.max())
         if value == 1.0:
+            anywhere = torch.zeros(n, dtype=torch.bool)
             for name in pieces:
                 if name.endswith("W_in"):
-                    out[f"resid/dedicated_features/{name}"] = float(dedicated_pieces(probe_scores[name], masks[name]).sum())
+                    here = dedicated_pieces(probe_scores[name], masks[name])
+                    out[f"resid/dedicated_features/{name}"] = float(here.sum())
+                    anywhere |= here
+            out["resid/dedicated_features"] = float(anywhere.sum())  # a dedicated W_in piece in some layer
     return out
 
 
