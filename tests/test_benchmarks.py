@@ -27,3 +27,10 @@ def test_gpt_benchmark_runs_quick():
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "top-k agreement" in done.stdout and "stage-1 step" in done.stdout
+
+
+def test_attribution_cost_benchmark_runs_small():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attribution_cost.py"), "--targets", "tms_5-2",
+                           "--repeats", "1", "--batch", "64"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ablation" in done.stdout and "gradient (closed form)" in done.stdout
