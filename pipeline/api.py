@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from apdkit.core.attributions import mechanism_attributions
-from apdkit.core.pieces import batch_topk_mask, membership_matrices
+from apdkit.core.pieces import membership_matrices
 from apdkit.stages.config import (GroupConfig, Stage1Config, VerifyConfig, resolve_group, resolve_stage1,
                                   resolve_verify)
 from apdkit.stages.group.stage import run_group
 from apdkit.stages.progress import Reporter
+from apdkit.stages.selection import mechanism_masks
 from apdkit.stages.stage1.stage import run_stage1
 from apdkit.stages.target import Target, load_from_store
 from apdkit.stages.verify.stage import run_verify
@@ -134,11 +134,10 @@ class RunResults(Run):
         target = self._loaded()
         cfg = Stage1Config(**self.config(STAGE1))
         member = membership_matrices(labels, n_groups)
-        scores, _ = mechanism_attributions(target.model, x, self.pieces(), member, cfg.max_exact_outputs,
-                                           cfg.attribution_probes, torch.Generator().manual_seed(0),
-                                           cfg.attribution, cfg.integration_steps)
         k = float(self.grouping_info(name)["mean_active_mechanisms"])
-        return batch_topk_mask(scores, k), scores
+        scores, active = mechanism_masks(target.model, x, self.pieces(), self.gates(), member, k, cfg,
+                                         torch.Generator().manual_seed(0))
+        return active, scores
 
     @torch.no_grad()
     def forward(self, x: Tensor, keep: Sequence[int] | Tensor | None = None, ablate: Sequence[int] = (),

@@ -22,7 +22,18 @@ class Stage1Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     n_pieces: int | dict[str, int] = Field(64, description="rank-1 pieces per matrix (C), one value or per matrix name")
-    topk: PerMatrix = Field(1.0, description="batch top-k: mean active pieces per input, per matrix")
+    topk: PerMatrix = Field(1.0, description="batch top-k: mean active pieces per input, per matrix "
+                            "(minimality topk only)")
+    minimality: Literal["topk", "learned"] = Field(
+        "topk", description="which pieces must reproduce the output: topk (APD: the batch top-k by attribution) or "
+        "learned (a gate per piece, trained with stochastic masks and an importance penalty; no k)")
+    importance_coeff: float = Field(1e-3, ge=0, description="learned: weight of the gates' penalty, per important piece "
+                                    "per matrix and input, against the output error as a fraction of the ablated one")
+    importance_p: float = Field(1.0, gt=0, le=2, description="learned: the penalty is sum of gate^p")
+    learned_faithfulness_coeff: float = Field(100.0, gt=0, description="learned: weight of |W - sum of pieces|^2 / "
+                                              "|W|^2 (the per-target coefficients are for top-k mode)")
+    gate_hidden: int = Field(16, gt=0, description="learned: hidden units of each piece's gate network")
+    gate_threshold: float = Field(0.1, gt=0, lt=1, description="learned: a piece is active where its gate exceeds this")
     steps: int = Field(5000, gt=0, description="training steps after the warm start")
     warm_start_steps: int = Field(200, ge=0, description="faithfulness-only steps before the full objective")
     init: Literal["random", "data"] = Field(
@@ -35,6 +46,8 @@ class Stage1Config(BaseModel):
     minimality_coeff: float = Field(1.0, ge=0)
     simplicity_coeff: float = Field(1.0, ge=0)
     hidden_coeff: float = Field(0.0, ge=0, description="hidden-activation reconstruction (resid_mlp)")
+    stochastic_coeff: float = Field(0.0, ge=0, description="output reconstruction with the inactive pieces at random "
+                                    "values in [0, 1] (what verify's stochastic and adversarial checks try)")
     schatten_p: float = Field(0.9, gt=0, le=2)
     simplicity_final: float = Field(
         0.0, ge=0, le=1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 _OFFSETS = {
     "init": 1,  # data-driven / random init of the pieces
+    "gates": 5,  # learned gates: their initial parameters
     "data": 2,  # stage-1 training batches (and attribution probes)
     "eval": 3,  # stage-1 evaluation set, stored for stage 2
     "group_samples": 11,  # new inputs when stage 2 asks for more than stored

@@ -34,6 +34,7 @@ TARGET_STATE = "target/state"  # one array per state_dict entry (params and buff
 STAGE_STATUS_ATTR = "status"  # on each stage group: absent | running | done | failed
 STAGE1 = "stage1"  # attrs: status, config, scores, message
 STAGE1_PIECES = "stage1/pieces"  # <matrix>/U (C, d_out), <matrix>/V (C, d_in)
+STAGE1_GATES = "stage1/gates"  # learned minimality only: <matrix>/w1, b1, w2 (C, H), b2 (C,)
 STAGE1_METRICS = "stage1/metrics"  # <metric> (n_logged,), one row per log_every steps
 STAGE1_EVAL = "stage1/eval"
 STAGE1_EVAL_INPUTS = "stage1/eval/inputs"  # (n_eval, *input shape)
@@ -310,6 +311,15 @@ class RunStore:
             sub.create_array("V", data=_tensor_to_numpy(V).astype(np.float32), overwrite=True,
                              dimension_names=["piece", "d_in"])
 
+    def write_stage1_gates(self, gates: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        group = self.root.require_group(STAGE1_GATES)
+        for name, params in gates.items():
+            sub = group.require_group(name)
+            for key, value in params.items():
+                data = _tensor_to_numpy(value).astype(np.float32)
+                sub.create_array(key, data=data, overwrite=True,
+                                 dimension_names=["piece", "gate_hidden"][:data.ndim])
+
     def write_stage1_metrics(self, history: list[dict[str, float]]) -> None:
         group = self.root.require_group(STAGE1_METRICS)
         if not history:
@@ -424,6 +434,15 @@ class Run:
             name: (torch.from_numpy(np.asarray(sub["U"][...])), torch.from_numpy(np.asarray(sub["V"][...])))
             for name, sub in sorted(group.groups())
         }
+
+    def gates(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{matrix: {w1, b1, w2, b2}} of the learned gates (core/gates.py);
+        empty for a stage 1 trained with top-k minimality."""
+        self._require(STAGE1)
+        if STAGE1_GATES not in self.root:
+            return {}
+        return {name: {k: torch.from_numpy(np.asarray(a[...])) for k, a in sub.arrays()}
+                for name, sub in sorted(self.root[STAGE1_GATES].groups())}
 
     def config(self, stage: str = STAGE1) -> dict[str, Any]:
         return dict(self.attrs(stage).get("config", {}))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from apdkit.core.masks import score_inputs
 from apdkit.core.model import TargetError
 from apdkit.stages.config import GroupConfig, Stage1Config
 from apdkit.stages.errors import StageError
@@ -19,12 +18,13 @@ from apdkit.stages.group.mechanisms import (description_length, identity_mechani
 from apdkit.stages.group.methods import METHODS, GroupingError, GroupingInput, GroupingSettings
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
+from apdkit.stages.selection import Gates, piece_masks
 from apdkit.stages.target import Target, load_from_store, matrix_settings
 from apdkit.stores.run import STAGE1, TARGET, Run, RunStore, grouping_path, writer_lock
 
 
-def _extra_stats(target: Target, pieces, index: PieceIndex, n_extra: int, stage1_cfg: Stage1Config, chunk: int,
-                 reporter: Reporter) -> CoactivationStats:
+def _extra_stats(target: Target, pieces, gates: Gates, index: PieceIndex, n_extra: int, stage1_cfg: Stage1Config,
+                 chunk: int, reporter: Reporter) -> CoactivationStats:
     """Statistics on ``n_extra`` new inputs, scored with the stage-1 pieces
     chunk by chunk (nothing held beyond one chunk, nothing written)."""
     _, topk = matrix_settings(target, stage1_cfg)
@@ -35,9 +35,7 @@ def _extra_stats(target: Target, pieces, index: PieceIndex, n_extra: int, stage1
     while done < n_extra:
         n = min(chunk, n_extra - done)
         x = target.sample(n, gen)
-        scores, masks = score_inputs(target.model, x, pieces, topk, stage1_cfg.batch_size,
-                                     stage1_cfg.max_exact_outputs, stage1_cfg.attribution_probes, gen,
-                                     stage1_cfg.attribution, stage1_cfg.integration_steps)
+        _, masks = piece_masks(target.model, x, pieces, gates, topk, stage1_cfg, gen)
         stats = coactivation_numpy(np.concatenate([masks[k].numpy() for k in index.names], axis=1))
         total = stats if total is None else total.merge(stats)
         done += n
@@ -93,7 +91,8 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
     stored_stats = coactivation_dask(masks[:stored_rows], scheduler=scheduler)
     stats = stored_stats
     if n_use > n_stored:
-        stats = stats.merge(_extra_stats(target, pieces_t, index, n_use - n_stored, stage1_cfg, cfg.chunk, reporter))
+        stats = stats.merge(_extra_stats(target, pieces_t, run.gates(), index, n_use - n_stored, stage1_cfg, cfg.chunk,
+                                         reporter))
 
     alive = alive_pieces(stats, cfg.min_rate)
     alive_idx = np.flatnonzero(alive)

@@ -1,6 +1,9 @@
-"""The APD objective for one batch: faithfulness, minimality (batch top-k by
-attribution), hidden-activation reconstruction and Schatten simplicity.
-Plain tensors and numbers in, loss tensors out."""
+"""The APD objective for one batch: faithfulness, minimality, hidden-activation
+reconstruction and Schatten simplicity. Minimality comes in two forms:
+``objective`` (APD: the batch top-k by attribution must reproduce the
+output) and ``learned_objective`` (gates, core/gates.py: the output under
+stochastic masks, with an importance penalty instead of a k). Plain tensors
+and numbers in, loss tensors out."""
 
 from __future__ import annotations
 
@@ -10,10 +13,11 @@ import torch
 from torch import Tensor
 
 from apdkit.core.attributions import attributions, no_timer
+from apdkit.core.gates import gate_from_logits, gate_logits, piece_inputs, stochastic_piece_masks
 from apdkit.core.masks import topk_masks
 from apdkit.core.model import DecomposedModel
 
-LOSS_NAMES = ("total", "faithfulness", "minimality", "hidden", "simplicity")
+LOSS_NAMES = ("total", "faithfulness", "minimality", "hidden", "simplicity", "stochastic", "importance")
 
 
 def faithfulness_loss(weights: Mapping[str, Tensor], U: Mapping[str, Tensor], V: Mapping[str, Tensor]) -> Tensor:
@@ -46,6 +50,13 @@ def objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], 
             masks = select({n: v.float() for n, v in scores.items()}, topk)
             fwd = model.run(x, {n: (U[n], V[n]) for n in U}, {n: m.to(x.dtype) for n, m in masks.items()},
                             hidden=bool(target.hidden))
+        stochastic = torch.zeros((), device=x.device)
+        if coeffs.get("stochastic", 0.0) > 0:
+            # the inactive pieces at random partial values must not matter either (verify's stochastic check)
+            noisy = {n: m.to(x.dtype) + (~m).to(x.dtype) * torch.rand(m.shape, generator=gen).to(x.device)
+                     for n, m in masks.items()}
+            out = model.run(x, {n: (U[n], V[n]) for n in U}, noisy).output
+            stochastic = torch.nn.functional.mse_loss(out.float(), target.output.float())
     minimality = torch.nn.functional.mse_loss(fwd.output.float(), target.output.float())
     hidden = sum((torch.nn.functional.mse_loss(fwd.hidden[h].float(), target.hidden[h].float())
                   for h in target.hidden), torch.zeros((), device=x.device))
@@ -54,6 +65,41 @@ def objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], 
     simplicity = sum((masks[n].sum(0).to(x.dtype) * U[n].norm(dim=1).pow(schatten_p)).sum() for n in U) \
         / (n_weights * rows)
     total = (coeffs["faithfulness"] * faith + coeffs["minimality"] * minimality + coeffs["hidden"] * hidden
-             + coeffs["simplicity"] * simplicity_weight * simplicity)
+             + coeffs["simplicity"] * simplicity_weight * simplicity + coeffs.get("stochastic", 0.0) * stochastic)
     return {"total": total, "faithfulness": faith, "minimality": minimality, "hidden": hidden,
-            "simplicity": simplicity}
+            "simplicity": simplicity, "stochastic": stochastic, "importance": torch.zeros((), device=x.device)}
+
+
+def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], U: Mapping[str, Tensor],
+                      V: Mapping[str, Tensor], gates: Mapping[str, Mapping[str, Tensor]], coeffs: Mapping[str, float],
+                      importance_p: float,
+                      gen: torch.Generator | None = None, low_precision: torch.dtype | None = None,
+                      ) -> dict[str, Tensor]:
+    """All loss terms for one batch in the learned mode, each scale-free so
+    one set of weights can serve every target: ``faithfulness`` is
+    |W - sum of pieces|^2 / |W|^2 over all matrices; ``minimality`` the
+    output MSE with every piece masked at g + (1 - g) u, as a fraction of the
+    MSE with every decomposed matrix ablated; ``importance`` the mean over
+    inputs and matrices of sum_c relu(z_c)^p. No simplicity term (the pieces
+    are rank 1). ``coeffs``: learned_faithfulness, hidden, importance."""
+    faith = (sum(((weights[n] - U[n].T @ V[n]) ** 2).sum() for n in weights)
+             / sum((w ** 2).sum() for w in weights.values()))
+    live = {n: (U[n], V[n]) for n in U}
+    with torch.autocast(x.device.type, dtype=low_precision or torch.bfloat16, enabled=low_precision is not None):
+        inner, target = piece_inputs(model, x, live)
+        z = {n: gate_logits(gates[n], inner[n].float()) for n in U}
+        g = {n: gate_from_logits(v) for n, v in z.items()}
+        fwd = model.run(x, live, {n: m.to(x.dtype) for n, m in stochastic_piece_masks(g, gen).items()},
+                        hidden=bool(target.hidden))
+        with torch.no_grad():
+            ablated = model.run(x, live, {n: torch.zeros_like(v) for n, v in g.items()}).output
+    ablated_mse = torch.nn.functional.mse_loss(ablated.float(), target.output.float()).clamp_min(1e-12)
+    minimality = torch.nn.functional.mse_loss(fwd.output.float(), target.output.float()) / ablated_mse
+    hidden = sum((torch.nn.functional.mse_loss(fwd.hidden[h].float(), target.hidden[h].float())
+                  for h in target.hidden), torch.zeros((), device=x.device))
+    importance = sum(v.relu().pow(importance_p).sum(1).mean() for v in z.values()) / len(z)
+    total = (coeffs["learned_faithfulness"] * faith + minimality + coeffs["hidden"] * hidden
+             + coeffs["importance"] * importance)
+    zero = torch.zeros((), device=x.device)
+    return {"total": total, "faithfulness": faith, "minimality": minimality, "hidden": hidden,
+            "simplicity": zero, "stochastic": zero, "importance": importance}

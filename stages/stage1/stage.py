@@ -12,13 +12,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from apdkit.core.masks import score_inputs
 from apdkit.core.pieces import Pieces, pieces_sum
 from apdkit.stages.config import ConfigError, Stage1Config
 from apdkit.stages.device import resolve_device
 from apdkit.stages.errors import StageError
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
+from apdkit.stages.selection import Gates, piece_masks
 from apdkit.stages.stage1.parallel import Replicas, replicas_from_env
 from apdkit.stages.stage1.train import NonFiniteLoss, new_state, total_steps, train
 from apdkit.stages.target import Target, ensure_target, load_from_store, load_state_file, matrix_settings, prepare
@@ -197,8 +197,10 @@ def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.
     reporter.finish(task)
 
     pieces = state.pieces()
-    scores = write_evaluation(store, target, cfg, topk, pieces, device, reporter)
+    scores = write_evaluation(store, target, cfg, topk, pieces, device, reporter, state.gate_params())
     store.write_stage1_pieces(pieces)
+    if state.gates:
+        store.write_stage1_gates(state.gate_params())
     store.write_stage1_metrics(state.history)
     store.set_stage(STAGE1, "done", config=cfg.model_dump(), scores=scores, device=str(device),
                     world_size=replicas.world_size,
@@ -209,10 +211,11 @@ def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.
 
 
 def write_evaluation(store: RunStore, target: Target, cfg: Stage1Config, topk: dict[str, float], pieces: Pieces,
-                     device: torch.device, reporter: Reporter) -> dict[str, float]:
+                     device: torch.device, reporter: Reporter, gates: Gates) -> dict[str, float]:
     """Score and mask a fresh evaluation set chunk by chunk (stage 2 groups
-    by the masks; the scores are kept for the report and readers), then compute the scores: generic ones, and the target's ground
-    truth where it has one."""
+    by the masks; the scores, attributions or gates, are kept for the report
+    and readers), then compute the scores: generic ones, and the target's
+    ground truth where it has one."""
     model = target.model
     gen = generator(cfg.seed, "eval")
     probe_gen = generator(cfg.seed, "eval", 1)
@@ -223,8 +226,7 @@ def write_evaluation(store: RunStore, target: Target, cfg: Stage1Config, topk: d
     reporter.start("scoring evaluation set", cfg.eval_samples)
     for sl in iter_chunks(cfg.eval_samples, cfg.eval_chunk):
         x = target.sample(sl.stop - sl.start, gen).to(device)
-        scores, masks = score_inputs(model, x, pieces, topk, cfg.batch_size, cfg.max_exact_outputs,
-                                     cfg.attribution_probes, probe_gen, cfg.attribution, cfg.integration_steps)
+        scores, masks = piece_masks(model, x, pieces, gates, topk, cfg, probe_gen)
         per_input = next(iter(masks.values())).shape[0] // x.shape[0]
         if arrays is None:
             arrays = store.create_eval_arrays(cfg.eval_samples, tuple(x.shape[1:]), str(x.dtype).replace("torch.", ""),

@@ -16,11 +16,12 @@ import torch
 from torch import Tensor
 
 from apdkit.core.attributions import no_timer
+from apdkit.core.gates import init_gates
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import init_from_data, init_random, unit_rows
 from apdkit.stages.config import Stage1Config
 from apdkit.stages.seeds import generator
-from apdkit.stages.stage1.objective import LOSS_NAMES, faithfulness_loss, objective
+from apdkit.stages.stage1.objective import LOSS_NAMES, faithfulness_loss, learned_objective, objective
 from apdkit.stages.stage1.parallel import Replicas
 from apdkit.targets.training import cosine_lr
 
@@ -43,16 +44,25 @@ class DecompositionState:
     data_gen: torch.Generator
     step: int = 0  # steps done, warm start included
     history: list[dict[str, float]] = field(default_factory=list)
+    gates: dict[str, dict[str, torch.nn.Parameter]] = field(default_factory=dict)  # learned mode only
 
     def pieces(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Detached (U, V) with V at unit norm: piece c is outer(U[c], V[c])."""
         return {n: (self.U[n].detach(), unit_rows(self.V_raw[n]).detach()) for n in self.U}
+
+    def gate_params(self) -> dict[str, dict[str, Tensor]]:
+        """Detached gate parameters {matrix: {w1, b1, w2, b2}} (empty in top-k mode)."""
+        return {n: {k: p.detach() for k, p in g.items()} for n, g in self.gates.items()}
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.U.values(), *self.V_raw.values(), *(p for g in self.gates.values() for p in g.values())]
 
     def state_dict(self) -> dict:
         """Tensors and plain types only (loadable with weights_only=True)."""
         return {
             "U": {n: p.detach().cpu() for n, p in self.U.items()},
             "V_raw": {n: p.detach().cpu() for n, p in self.V_raw.items()},
+            "gates": {n: {k: p.detach().cpu() for k, p in g.items()} for n, g in self.gates.items()},
             "optimizer": self.optimizer.state_dict(),
             "data_gen": self.data_gen.get_state(),
             "step": self.step,
@@ -64,6 +74,9 @@ class DecompositionState:
             for n in self.U:
                 self.U[n].copy_(sd["U"][n])
                 self.V_raw[n].copy_(sd["V_raw"][n])
+            for n, g in self.gates.items():
+                for k, p in g.items():
+                    p.copy_(sd["gates"][n][k])
         self.optimizer.load_state_dict(sd["optimizer"])
         self.data_gen.set_state(sd["data_gen"])
         self.step = int(sd["step"])
@@ -87,8 +100,15 @@ def new_state(model: DecomposedModel, cfg: Stage1Config, n_pieces: dict[str, int
             u, v = init_random(w, n_pieces[name], init_gen)
         U[name] = torch.nn.Parameter(u.to(device))
         V[name] = torch.nn.Parameter(v.to(device))
-    opt = torch.optim.Adam([*U.values(), *V.values()], lr=cfg.lr)
-    return DecompositionState(U, V, opt, generator(cfg.seed, "data"))
+    gates = {}
+    if cfg.minimality == "learned":
+        gate_gen = generator(cfg.seed, "gates")
+        gates = {n: {k: torch.nn.Parameter(t.to(device)) for k, t in init_gates(n_pieces[n], cfg.gate_hidden,
+                                                                                gate_gen).items()}
+                 for n in U}
+    state = DecompositionState(U, V, None, generator(cfg.seed, "data"), gates=gates)
+    state.optimizer = torch.optim.Adam(state.parameters(), lr=cfg.lr)
+    return state
 
 
 def total_steps(cfg: Stage1Config) -> int:
@@ -114,7 +134,8 @@ def simplicity_weight_at(cfg: Stage1Config, step: int) -> float:
 
 def coefficients(cfg: Stage1Config) -> dict[str, float]:
     return {"faithfulness": cfg.faithfulness_coeff, "minimality": cfg.minimality_coeff,
-            "hidden": cfg.hidden_coeff, "simplicity": cfg.simplicity_coeff}
+            "hidden": cfg.hidden_coeff, "simplicity": cfg.simplicity_coeff, "stochastic": cfg.stochastic_coeff,
+            "importance": cfg.importance_coeff, "learned_faithfulness": cfg.learned_faithfulness_coeff}
 
 
 def compiled(fn: Callable, device: torch.device) -> Callable:
@@ -142,7 +163,9 @@ def train(
     ``replicas`` each computes its rows of the global batch; give the
     callbacks to rank 0 only."""
     weights = {n: w.to(device) for n, w in model.weights().items()}
-    loss_fn = compiled(objective, device) if cfg.compile else objective
+    learned = cfg.minimality == "learned"
+    base = learned_objective if learned else objective
+    loss_fn = compiled(base, device) if cfg.compile else base
     coeffs = coefficients(cfg)
     low_precision = torch.bfloat16 if cfg.precision == "bfloat16" else None
     end = total_steps(cfg)
@@ -159,13 +182,17 @@ def train(
             losses["total"] = losses["faithfulness"] = faith
         else:
             x = sample(cfg.batch_size, state.data_gen)[replicas.rows(cfg.batch_size)].to(device)
-            losses = loss_fn(model, x, weights, state.U, V, topk, coeffs, cfg.schatten_p,
-                             simplicity_weight_at(cfg, step), cfg.max_exact_outputs, cfg.attribution_probes,
-                             state.data_gen, timer, replicas.masks, low_precision,
-                             attribution=cfg.attribution, integration_steps=cfg.integration_steps)
+            if learned:
+                losses = loss_fn(model, x, weights, state.U, V, state.gates, coeffs, cfg.importance_p,
+                                 state.data_gen, low_precision)
+            else:
+                losses = loss_fn(model, x, weights, state.U, V, topk, coeffs, cfg.schatten_p,
+                                 simplicity_weight_at(cfg, step), cfg.max_exact_outputs, cfg.attribution_probes,
+                                 state.data_gen, timer, replicas.masks, low_precision,
+                                 attribution=cfg.attribution, integration_steps=cfg.integration_steps)
         state.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
-        replicas.average_gradients([*state.U.values(), *state.V_raw.values()])
+        replicas.average_gradients(state.parameters())
         state.optimizer.step()
         for k in LOSS_NAMES:
             running[k] += losses[k].detach()

@@ -22,10 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apdkit.core.attributions import mechanism_attributions
 from apdkit.core.inactive import adversarial_masks, mechanism_output_error, resample_masks, stochastic_masks
-from apdkit.core.masks import score_inputs
-from apdkit.core.pieces import batch_topk_mask, membership_matrices, pieces_sum
+from apdkit.core.pieces import membership_matrices, pieces_sum
 from apdkit.stages.config import GroupConfig, Stage1Config, VerifyConfig
 from apdkit.stages.device import resolve_device
 from apdkit.stages.errors import StageError
@@ -33,6 +31,7 @@ from apdkit.stages.group.coactivation import PieceIndex
 from apdkit.stages.group.mechanisms import description_length, identity_mechanisms, mechanism_ranks
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
+from apdkit.stages.selection import mechanism_masks, piece_masks
 from apdkit.stages.target import Target, load_from_store, matrix_settings
 from apdkit.stores.run import STAGE1, TARGET, Run, RunStore, grouping_path, writer_lock
 
@@ -94,10 +93,10 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
 
     model.to(device)
     pieces_on = {n: (U.to(device), V.to(device)) for n, (U, V) in pieces.items()}
+    gates_on = {n: {k: t.to(device) for k, t in g.items()} for n, g in run.gates().items()}
     membership = {n: m.to(device) for n, m in membership_matrices(labels, n_groups).items()}
     k_mech = float(info["mean_active_mechanisms"])
-    exact, probes = stage1_cfg.max_exact_outputs, stage1_cfg.attribution_probes
-    method, steps = cfg.attribution or stage1_cfg.attribution, stage1_cfg.integration_steps
+    method = cfg.attribution or stage1_cfg.attribution
 
     gen = generator(stage1_cfg.seed, "verify", cfg.seed)
     sums = {"pieces_mse": 0.0, "mech_mse": 0.0, "ablated_mse": 0.0, "pieces_active": 0.0, "mech_active": 0.0,
@@ -118,12 +117,12 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
         rows = target_out.shape[0]
         zero_out = model.run(x, pieces_on, {k: m.expand(rows, -1) for k, m in zero_masks.items()}).output
         # stage-1 pieces, as trained
-        _, piece_masks = score_inputs(model, x, pieces_on, topk, stage1_cfg.batch_size, exact, probes, gen,
-                                      method, steps)
-        out_p = model.run(x, pieces_on, {k: m.float() for k, m in piece_masks.items()}).output
-        # mechanisms, attributed as wholes
-        mech_scores, _ = mechanism_attributions(model, x, pieces_on, membership, exact, probes, gen, method, steps)
-        mech_mask = batch_topk_mask(mech_scores, k_mech).float()
+        _, p_masks = piece_masks(model, x, pieces_on, gates_on, topk, stage1_cfg, gen, method)
+        out_p = model.run(x, pieces_on, {k: m.float() for k, m in p_masks.items()}).output
+        # mechanisms, attributed as wholes (or gated: by their largest piece gate)
+        mech_scores, mech_mask = mechanism_masks(model, x, pieces_on, gates_on, membership, k_mech, stage1_cfg, gen,
+                                                 method)
+        mech_mask = mech_mask.float()
         out_m = model.run(x, pieces_on, {k: mech_mask @ membership[k].T for k in pieces}).output
         zero_err = ((zero_out - target_out) ** 2).mean(dim=1)
         for _ in range(cfg.stochastic_samples):
@@ -145,7 +144,7 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
         sums["pieces_mse"] += float(((out_p - target_out) ** 2).mean()) * rows
         sums["mech_mse"] += float(((out_m - target_out) ** 2).mean()) * rows
         sums["ablated_mse"] += float(((zero_out - target_out) ** 2).mean()) * rows
-        sums["pieces_active"] += float(sum(m.sum() for m in piece_masks.values()))
+        sums["pieces_active"] += float(sum(m.sum() for m in p_masks.values()))
         sums["mech_active"] += float(mech_mask.sum())
         mech_counts += mech_mask.sum(0)
         mech_used += (mech_scores >= USED_SHARE * mech_scores.max(dim=1, keepdim=True).values.clamp_min(1e-30)).sum(0)
@@ -243,7 +242,8 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
             "threshold": (f"each inserted identity is one mechanism of its own, used (attribution >= {USED_SHARE} of "
                           f"the input's largest) on >= {cfg.identity_active_min} of inputs"),
         }
-    result = {"grouping": name, "attribution": method, "samples": n_samples, "passed": all(c["passed"] for c in checks.values()),
+    result = {"grouping": name, "attribution": method if stage1_cfg.minimality == "topk" else "learned gates",
+              "samples": n_samples, "passed": all(c["passed"] for c in checks.values()),
               "checks": checks, "config": cfg.model_dump()}
     if target.has_ground_truth and target.builtin.mechanism_scores is not None:
         # on fresh inputs, beside the checks: ground truth is not a verdict on a user's model
