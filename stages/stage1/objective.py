@@ -87,7 +87,7 @@ def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, T
     live = {n: (U[n], V[n]) for n in U}
     with torch.autocast(x.device.type, dtype=low_precision or torch.bfloat16, enabled=low_precision is not None):
         inner, target = piece_inputs(model, x, live)
-        z = {n: gate_logits(gates[n], inner[n].float()) for n in U}
+        z = {n: gate_logits(gates[n], inner[n].detach().float()) for n in U}  # gates decide; they do not shape pieces
         g = {n: gate_from_logits(v) for n, v in z.items()}
         fwd = model.run(x, live, {n: m.to(x.dtype) for n, m in stochastic_piece_masks(g, gen).items()},
                         hidden=bool(target.hidden))

@@ -1,0 +1,149 @@
+"""Attribution method x minimality mode on the built-in targets with ground
+truth: `apd run` per (mode, target, seed), then one table of recovery scores,
+verify verdicts and time to solution.
+
+    python benchmarks/methods_table.py --dir runs/methods \\
+        --targets tms_5-2 tms_5-2-id tms_40-10 tms_40-10-id resid_mlp --seeds 0 1 2 \\
+        --modes gradient integrated_gradients ablation learned
+
+A mode is an attribution method with batch top-k minimality, or `learned`
+(gates; no attribution, no k). Runs that finished before are read back, not
+rerun (delete <dir>/<mode>/<target>-<seed>.zarr to redo one). The wall time
+of each `apd run` is kept beside its store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from apdkit import open_run
+
+MODES = ("gradient", "integrated_gradients", "ablation", "learned")
+
+
+def run_cell(root: Path, mode: str, target: str, seed: int) -> Path:
+    store = root / mode / f"{target}-{seed}.zarr"
+    timing = store.with_suffix(".json")
+    if timing.exists():
+        return store
+    store.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "apdkit.cli", "run", "--model", target, "--seed", str(seed), "--store", str(store),
+           "-q", "--json"]
+    if mode == "learned":
+        cfg = root / "learned.yaml"
+        cfg.write_text("minimality: learned\n")
+        cmd += ["--config", str(cfg)]
+    else:
+        cmd += ["--attribution", mode]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode not in (0, 1):
+        print(f"{mode} {target} seed {seed}: apd run failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return store
+    timing.write_text(json.dumps({"wall_seconds": wall}))
+    print(f"{mode:22s} {target:14s} seed {seed}: {wall:7.1f} s", file=sys.stderr, flush=True)
+    return store
+
+
+def cell_figures(store: Path) -> dict[str, float] | None:
+    """The cell's scores: ground truth from stage 1, the grouping and verify."""
+    timing = store.with_suffix(".json")
+    if not timing.exists():
+        return None
+    run = open_run(store)
+    out = dict(run.scores("stage1"))
+    if any(k.startswith("resid/") for k in out) and "resid/dedicated_features" not in out:
+        out.update(_rescore(run))  # a store from before the any-layer count
+    groupings = run.groupings()
+    if groupings:
+        name = "spectral" if "spectral" in groupings else groupings[0]
+        out.update(run.grouping_info(name).get("scores", {}))
+        ver = run.verification(name) or {}
+        out.update(ver.get("truth", {}))
+        out["verify_passed"] = float(bool(ver.get("passed")))
+        adv = ver.get("checks", {}).get("adversarial", {}).get("figures", {})
+        if adv:
+            out["adversarial"] = adv["fraction_of_ablated"]
+    out["wall_seconds"] = json.loads(timing.read_text())["wall_seconds"]
+    return out
+
+
+def _rescore(run) -> dict[str, float]:
+    from apdkit.stages.config import Stage1Config
+    from apdkit.stages.target import load_from_store, matrix_settings
+
+    target = load_from_store(run)
+    _, topk = matrix_settings(target, Stage1Config(**run.config("stage1")))
+    return target.builtin.scores(target.model, run.pieces(), topk)
+
+
+# per target: (label, score key, format) shown in its cell
+HEADLINES = {
+    "tms": [("MMCS", "tms/mmcs", "{:.3f}"), ("exact", "exact_match", "{:.0f}")],
+    "tms-id": [("MMCS", "tms/mmcs", "{:.3f}"), ("id err", "faithfulness_rel_error/hidden", "{:.3f}")],
+    "resid": [("dedicated", "resid/dedicated_features", "{:.0f}"), ("ARI", "ari", "{:.2f}")],
+    "induction": [("prev", "induction/prev_token/recovered", "{:.0f}"), ("ind", "induction/induction/recovered", "{:.0f}")],
+    "modadd": [("purity", "modadd/mean_purity", "{:.2f}"), ("keys", "modadd/dedicated_key_fraction", "{:.2f}")],
+    "tiny_lm": [("CE rec", "tiny_lm/ce_recovered", "{:.2f}")],
+}
+
+
+def headline(target: str) -> list[tuple[str, str, str]]:
+    if target.startswith("tms"):
+        return HEADLINES["tms-id" if target.endswith("-id") else "tms"]
+    if target.startswith("resid"):
+        return HEADLINES["resid"]
+    return HEADLINES[target]
+
+
+def cell_text(target: str, cells: list[dict[str, float]]) -> str:
+    if not cells:
+        return "–"
+    parts = []
+    for label, key, fmt in headline(target):
+        values = [c[key] for c in cells if key in c]
+        if values:
+            parts.append(f"{label} " + "/".join(fmt.format(v) for v in values))
+    passed = sum(int(c.get("verify_passed", 0)) for c in cells)
+    parts.append(f"verify {passed}/{len(cells)}")
+    adv = [c["adversarial"] for c in cells if "adversarial" in c]
+    if adv:
+        parts.append("adv " + "/".join(f"{v:.2g}" for v in adv))
+    parts.append(f"{statistics.median(c['wall_seconds'] for c in cells):.0f} s")
+    return "; ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path("runs/methods"))
+    parser.add_argument("--targets", nargs="+", default=["tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-id",
+                                                         "resid_mlp"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--table-only", action="store_true", help="print the table of what exists; run nothing")
+    args = parser.parse_args()
+    for mode in args.modes:
+        for target in args.targets:
+            for seed in args.seeds:
+                if not args.table_only:
+                    run_cell(args.dir, mode, target, seed)
+    print("| mode | " + " | ".join(args.targets) + " |")
+    print("|---|" + "---|" * len(args.targets))
+    for mode in args.modes:
+        row = []
+        for target in args.targets:
+            cells = [c for s in args.seeds if (c := cell_figures(args.dir / mode / f"{target}-{s}.zarr")) is not None]
+            row.append(cell_text(target, cells))
+        label = "learned gates" if mode == "learned" else f"{mode}, top-k"
+        print(f"| {label} | " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
