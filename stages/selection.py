@@ -43,7 +43,12 @@ def mechanism_masks(model: DecomposedModel, x: Tensor, pieces: Pieces, gates: Ga
     where that exceeds the threshold."""
     if cfg.minimality == "learned":
         g, _ = gate_masks(model, x, pieces, gates, cfg.gate_threshold, cfg.batch_size)
-        scores = torch.stack([(g[n][:, :, None] * membership[n][None]).amax(dim=1) for n in pieces]).amax(dim=0)
+        n_groups = next(iter(membership.values())).shape[1]
+        scores = torch.zeros(next(iter(g.values())).shape[0], n_groups, device=x.device)
+        for n in pieces:
+            member = membership[n].sum(1) > 0  # pieces set aside belong to no mechanism
+            label = membership[n][member].argmax(1)
+            scores.scatter_reduce_(1, label.expand(scores.shape[0], -1), g[n][:, member], "amax")
         return scores, scores > cfg.gate_threshold
     scores, _ = mechanism_attributions(model, x, pieces, membership, cfg.max_exact_outputs, cfg.attribution_probes,
                                        gen, attribution or cfg.attribution, cfg.integration_steps)

@@ -100,3 +100,24 @@ def test_learned_mode_end_to_end(tmp_path):
     ver = run.verification("spectral")
     assert ver["attribution"] == "learned gates"
     assert {"stochastic", "resample", "adversarial"} <= set(ver["checks"])
+
+
+def test_a_mechanism_is_gated_by_its_largest_piece_gate():
+    from apdkit.core.gates import gate_values
+    from apdkit.core.pieces import membership_matrices
+    from apdkit.stages.selection import mechanism_masks
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False))
+    model = DecomposedModel(module, ["0"])
+    gen = torch.Generator().manual_seed(1)
+    U, V = torch.randn(4, 3, generator=gen), torch.randn(4, 4, generator=gen)
+    params = init_gates(4, 8, gen)
+    params["b2"] = torch.tensor([0.5, -0.2, 0.05, 2.0])
+    labels = {"0": __import__("numpy").array([1, 0, 1, -1])}  # piece 3 set aside
+    member = membership_matrices(labels, 2)
+    cfg = resolve_stage1(None, None, minimality="learned", batch_size=16)
+    x = torch.randn(5, 4, generator=gen)
+    scores, active = mechanism_masks(model, x, {"0": (U, V)}, {"0": params}, member, 1.0, cfg, None)
+    g = gate_values(params, x @ V.T)
+    assert torch.allclose(scores[:, 0], g[:, 1]) and torch.allclose(scores[:, 1], torch.maximum(g[:, 0], g[:, 2]))
+    assert torch.equal(active, scores > cfg.gate_threshold)

@@ -96,6 +96,8 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
     gates_on = {n: {k: t.to(device) for k, t in g.items()} for n, g in run.gates().items()}
     membership = {n: m.to(device) for n, m in membership_matrices(labels, n_groups).items()}
     k_mech = float(info["mean_active_mechanisms"])
+    if cfg.attribution is not None and stage1_cfg.minimality == "learned":
+        raise StageError("--attribution does not apply: this store's stage 1 learned gates (minimality learned)")
     method = cfg.attribution or stage1_cfg.attribution
 
     gen = generator(stage1_cfg.seed, "verify", cfg.seed)
