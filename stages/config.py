@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PerMatrix = float | dict[str, float]
+Attribution = Literal["gradient", "integrated_gradients", "ablation"]  # core/attributions.py
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,7 @@ class Stage1Config(BaseModel):
     max_exact_outputs: int = Field(512, gt=0, description="exact attributions up to this many outputs per input "
                                    "(sequence positions x output size); above it, a random-probe estimate")
     attribution_probes: int = Field(64, gt=0, description="random probes of the attribution estimate")
-    attribution: Literal["gradient", "integrated_gradients", "ablation"] = Field(
+    attribution: Attribution = Field(
         "gradient", description="how pieces are attributed: gradient at the target; integrated_gradients along the "
         "path from every piece off to the target; ablation: the output change when a piece is removed")
     integration_steps: int = Field(8, gt=0, description="integrated_gradients: points on the path")
@@ -160,7 +161,7 @@ class VerifyConfig(BaseModel):
                                     "reproduce at least 75% of what the decomposed matrices do to the output)")
     versus_pieces_max: float = Field(1.1, gt=0, description="largest ratio of that fraction to the stage-1 pieces' own: "
                                      "grouping must not lose what the pieces reproduce")
-    attribution: Literal["gradient", "integrated_gradients", "ablation"] | None = Field(
+    attribution: Attribution | None = Field(
         None, description="how mechanisms are attributed (default: as stage 1 attributed pieces)")
     identity_active_min: float = Field(0.99, gt=0, le=1, description="an inserted identity's mechanism must be "
                                        "active on at least this share of fresh inputs")
@@ -169,8 +170,8 @@ class VerifyConfig(BaseModel):
     adversarial_steps: int = Field(20, ge=0, description="adversarial check: projected gradient steps over the inactive "
                                    "mechanisms' masks (0: skip the check)")
     adversarial_step_size: float = Field(0.1, gt=0, le=1, description="adversarial check: change of a mask value per step")
-    adversarial_samples: int = Field(2048, gt=0, description="adversarial check: fresh inputs searched (the first ones "
-                                     "of the minimality check's)")
+    adversarial_rows: int = Field(2048, gt=0, description="adversarial check: sample rows searched, in whole inputs "
+                                  "(the first ones of the minimality check's; for sequences, rows are positions)")
     adversarial_error_max: float = Field(0.5, gt=0, description="largest output MSE at the worst masks found, as a "
                                          "fraction of the MSE with every decomposed matrix ablated")
     seed: int = 0

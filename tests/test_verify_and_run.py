@@ -44,7 +44,7 @@ def test_verify_passes_on_a_good_decomposition(grouped_id):
     for check in ("stochastic", "resample", "adversarial"):
         assert ver["checks"][check]["figures"]["fraction_of_ablated"] < 0.1, check
     adv = ver["checks"]["adversarial"]["figures"]
-    assert adv["steps"] == 20 and adv["inputs"] == 2048
+    assert adv["steps"] == 20 and adv["inputs"] == adv["rows"] == 2048
     assert adv["fraction_of_ablated"] >= adv["typical/fraction_of_ablated"]  # the search starts from a random point
 
 

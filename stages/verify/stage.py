@@ -105,6 +105,7 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
             "stochastic_mse": 0.0, "resample_mse": 0.0}
     # adversarial search on the first inputs only: per row, worst and typical (stochastic) error, ablated error
     adv = {"worst": [], "typical": [], "ablated": []}
+    adv_inputs = 0
     n_rows = 0
     mech_counts = torch.zeros(n_groups, device=device)  # rows on which each mechanism is in the top-k
     mech_used = torch.zeros(n_groups, device=device)  # rows on which its attribution is >= USED_SHARE of the largest
@@ -134,9 +135,12 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
                                                   target_out)
             sums["stochastic_mse"] += float(stoch_err.mean()) * rows / cfg.stochastic_samples
             sums["resample_mse"] += float(resample_err.mean()) * rows / cfg.stochastic_samples
-        if cfg.adversarial_steps and done < cfg.adversarial_samples:
-            n_inputs = min(n, cfg.adversarial_samples - done)
-            keep = n_inputs * (rows // n)  # whole inputs: every position of a sequence
+        adv_rows = sum(len(w) for w in adv["worst"])
+        if cfg.adversarial_steps and adv_rows < cfg.adversarial_rows:
+            per_input = rows // n
+            n_inputs = min(n, max(1, (cfg.adversarial_rows - adv_rows) // per_input))
+            keep = n_inputs * per_input  # whole inputs: every position of a sequence
+            adv_inputs += n_inputs
             xa, ta, ma = x[:n_inputs], target_out[:keep], mech_mask[:keep]
             _, worst = adversarial_masks(model, xa, pieces_on, membership, ma, ta, cfg.adversarial_steps,
                                          cfg.adversarial_step_size, gen)
@@ -223,7 +227,8 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
                 "worst_over_typical": float(worst.mean()) / max(float(typical.mean()), 1e-30),
                 "worst_input/fraction_of_ablated": float(worst.max()) / abl_mean,
                 "steps": cfg.adversarial_steps,
-                "inputs": min(n_samples, cfg.adversarial_samples),
+                "inputs": adv_inputs,
+                "rows": len(worst),
             },
             "threshold": (f"fraction_of_ablated at the worst masks found <= {cfg.adversarial_error_max} "
                           "(typical: random masks of the same inactive mechanisms)"),
