@@ -29,11 +29,15 @@ TARGETS: dict[str, TargetSpec] = {
     spec.name: spec
     for spec in (
         tms.spec("tms_5-2", 5, 2, False, 1024, 5000, dict(_TMS_SMALL, n_pieces=10, topk=0.211)),
-        tms.spec("tms_40-10", 40, 10, False, 2048, 10000, dict(_TMS_LARGE, n_pieces=60, topk=1.0)),
+        # learned gates: with top-k, verify's adversarial check failed on 3 of 3 seeds (worst masks 1.2x the
+        # ablated error); learned passed every check on 3 of 3 with MMCS 1.000 (benchmarks/RESULTS.md)
+        tms.spec("tms_40-10", 40, 10, False, 2048, 10000, dict(_TMS_LARGE, n_pieces=60, topk=1.0, minimality="learned")),
         tms.spec("tms_5-2-id", 5, 2, True, 1024, 5000,
                  dict(_TMS_SMALL, n_pieces=10, topk={"W": 0.211, "hidden": 2.0})),
+        # learned gates: top-k missed the identity (relative error 0.26, MMCS 0.89; with faithfulness_coeff 100
+        # the identity sums, 4e-4, but MMCS stays 0.90); learned meets both criteria (RESULTS.md)
         tms.spec("tms_40-10-id", 40, 10, True, 2048, 10000,
-                 dict(_TMS_LARGE, n_pieces=60, topk={"W": 1.0, "hidden": 10.0})),
+                 dict(_TMS_LARGE, n_pieces=60, topk={"W": 1.0, "hidden": 10.0}, minimality="learned")),
         tms.spec("tms_6-3-synced", 6, 3, False, 1024, 5000, dict(_TMS_SMALL, n_pieces=12, topk=0.3),
                  synced_features=(0, 1)),
         resid_mlp.spec("resid_mlp", 100, 50, 1, 3000, dict(_RESID, simplicity_coeff=10.0)),

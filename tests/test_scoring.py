@@ -40,7 +40,7 @@ def test_toy_criteria_flag_a_missed_feature_and_an_unsummed_identity():
     from apdkit.targets.spec import missed_criteria
 
     tms = TARGETS["tms_40-10-id"]
-    bad = {"tms/mmcs": 0.8949, "faithfulness_rel_error/hidden": 0.2623}  # tms_40-10-id, seed 0, before the fix
+    bad = {"tms/mmcs": 0.8949, "faithfulness_rel_error/hidden": 0.2623}  # tms_40-10-id, seed 0, top-k
     assert missed_criteria(bad, tms.criteria, tms.criteria_max) == [
         "tms/mmcs = 0.8949 misses its criterion >= 0.99",
         "faithfulness_rel_error/hidden = 0.2623 misses its criterion <= 0.01"]
