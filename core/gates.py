@@ -6,8 +6,9 @@ piece's input-side scalar on a row (a . V[c] for an nn.Linear use: how much
 of the piece's input direction the row carries) and gives a gate
 g_c in [0, 1]: how much the row needs the piece. Training masks the pieces
 at g + (1 - g) u with u ~ U(0, 1) per row and piece, so a piece whose gate is
-0 must be removable to any degree, and penalises sum_c g_c^p. A piece is
-*active* on a row where its gate exceeds a threshold.
+0 must be removable to any degree, and penalises sum_c relu(z_c)^p of the
+gates' pre-activations z (stages/stage1/objective.py). A piece is *active*
+on a row where its gate exceeds a threshold.
 
 Parameters per matrix (C pieces, H hidden units): w1, b1, w2 (C, H), b2 (C,).
 """
@@ -22,7 +23,6 @@ from torch import Tensor
 from apdkit.core.model import DecomposedModel, Forward, use_inner
 from apdkit.core.pieces import Pieces
 
-GATE_PARAMS = ("w1", "b1", "w2", "b2")
 LEAK = 0.01  # gradient of the gate below 0, so a closed gate can reopen
 
 

@@ -30,7 +30,8 @@ class Stage1Config(BaseModel):
         "learned (a gate per piece, trained with stochastic masks and an importance penalty; no k)")
     importance_coeff: float = Field(0.1, ge=0, description="learned: weight of the gates' penalty, per important piece "
                                     "per matrix and input, against the output error as a fraction of the ablated one")
-    importance_p: float = Field(1.0, gt=0, le=2, description="learned: the penalty is sum of gate^p")
+    importance_p: float = Field(1.0, gt=0, le=2, description="learned: the penalty is the sum of relu(z)^p, z a gate's "
+                                "pre-activation")
     learned_faithfulness_coeff: float = Field(100.0, gt=0, description="learned: weight of |W - sum of pieces|^2 / "
                                               "|W|^2 (the per-target coefficients are for top-k mode)")
     gate_hidden: int = Field(16, gt=0, description="learned: hidden units of each piece's gate network")
