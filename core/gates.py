@@ -20,6 +20,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from apdkit.core.inactive import stochastic_masks
 from apdkit.core.model import DecomposedModel, Forward, use_inner
 from apdkit.core.pieces import Pieces
 
@@ -75,8 +76,8 @@ def gates_of(model: DecomposedModel, x: Tensor, pieces: Pieces,
 
 
 def stochastic_piece_masks(g: Mapping[str, Tensor], gen: torch.Generator | None) -> dict[str, Tensor]:
-    """g + (1 - g) u per row and piece, u ~ U(0, 1)."""
-    return {n: v + (1 - v) * torch.rand(v.shape, generator=gen).to(v.device) for n, v in g.items()}
+    """g + (1 - g) u per row and piece, u ~ U(0, 1) (matrix by matrix, in order)."""
+    return {n: stochastic_masks(v, gen) for n, v in g.items()}
 
 
 @torch.no_grad()

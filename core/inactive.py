@@ -35,7 +35,9 @@ def mechanism_output_error(model: DecomposedModel, x: Tensor, pieces: Pieces, me
 
 
 def stochastic_masks(active: Tensor, gen: torch.Generator | None = None) -> Tensor:
-    """Active mechanisms at 1, inactive ones at independent U(0, 1) values."""
+    """a + (1 - a) u with u ~ U(0, 1): active mechanisms (a = 1) stay at 1,
+    inactive ones (a = 0) get independent uniform values; a gate a in
+    between keeps at least a (core/gates.py)."""
     r = torch.rand(active.shape, generator=gen).to(active.device)
     return active + (1 - active) * r
 

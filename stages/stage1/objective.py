@@ -53,8 +53,7 @@ def objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], 
         stochastic = torch.zeros((), device=x.device)
         if coeffs.get("stochastic", 0.0) > 0:
             # the inactive pieces at random partial values must not matter either (verify's stochastic check)
-            noisy = {n: m.to(x.dtype) + (~m).to(x.dtype) * torch.rand(m.shape, generator=gen).to(x.device)
-                     for n, m in masks.items()}
+            noisy = stochastic_piece_masks({n: m.to(x.dtype) for n, m in masks.items()}, gen)
             out = model.run(x, {n: (U[n], V[n]) for n in U}, noisy).output
             stochastic = torch.nn.functional.mse_loss(out.float(), target.output.float())
     minimality = torch.nn.functional.mse_loss(fwd.output.float(), target.output.float())
@@ -82,8 +81,8 @@ def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, T
     MSE with every decomposed matrix ablated; ``importance`` the mean over
     inputs and matrices of sum_c relu(z_c)^p. No simplicity term (the pieces
     are rank 1). ``coeffs``: learned_faithfulness, hidden, importance."""
-    faith = (sum(((weights[n] - U[n].T @ V[n]) ** 2).sum() for n in weights)
-             / sum((w ** 2).sum() for w in weights.values()))
+    n_weights = sum(w.numel() for w in weights.values())
+    faith = faithfulness_loss(weights, U, V) * n_weights / sum((w ** 2).sum() for w in weights.values())
     live = {n: (U[n], V[n]) for n in U}
     with torch.autocast(x.device.type, dtype=low_precision or torch.bfloat16, enabled=low_precision is not None):
         inner, target = piece_inputs(model, x, live)

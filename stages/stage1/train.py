@@ -209,7 +209,7 @@ def train(
             running = {k: torch.zeros((), device=device) for k in LOSS_NAMES}
             since_log = 0
         if on_checkpoint is not None and (state.step % cfg.checkpoint_every == 0 or state.step == end):
-            if not all(torch.isfinite(p).all() for p in [*state.U.values(), *state.V_raw.values()]):
+            if not all(torch.isfinite(p).all() for p in state.parameters()):
                 raise NonFiniteLoss(state.step)
             on_checkpoint(state)
     return state
