@@ -118,6 +118,9 @@ class Stage1Config(BaseModel):
 GROUPING_METHODS = ("spectral", "louvain", "leiden", "mdl", "threshold", "auto")
 
 
+TOGETHER_MIN = 0.3  # GroupConfig.together_min where a row is one input
+
+
 class GroupConfig(BaseModel):
     """Stage 2: grouping rank-1 pieces into mechanisms."""
 
@@ -129,6 +132,11 @@ class GroupConfig(BaseModel):
     alpha: float = Field(4.0, gt=0, description="description length: bits per input per unit of rank")
     threshold: float = Field(0.5, gt=0, le=1, description="threshold: Jaccard co-activation for an edge")
     resolution: float = Field(1.0, gt=0, description="louvain/leiden resolution")
+    together_min: float | None = Field(
+        None, ge=0, lt=1, description="any method: no mechanism keeps two pieces that fire together on at most this "
+        "share of the rarer one's inputs, or at most twice as often as chance (such groups are split; 0: off; not "
+        "applied with --n-groups). Default: 0.3 when a row is one input; off when rows are a sequence's positions, "
+        "where one mechanism's pieces act at different positions (an attention head's query and key)")
     min_rate: float = Field(1e-3, ge=0, lt=1, description="pieces active on fewer inputs than this fraction are dead")
     rank_rtol: float = Field(0.05, gt=0, lt=1, description="numerical rank: singular values below this times the largest piece are zero")
     dl_samples: int = Field(50_000, gt=0, description="inputs sampled for description lengths inside methods")
@@ -157,6 +165,8 @@ class VerifyConfig(BaseModel):
     samples: int | None = Field(None, gt=0, description="fresh inputs drawn for the minimality check "
                                 "(default: as many as stage 1's evaluation set)")
     faithfulness_max: float = Field(0.02, gt=0, description="largest relative error |W - sum of mechanisms| / |W| per matrix")
+    set_aside_max: float = Field(0.1, gt=0, description="largest share |sum of the pieces set aside as dead| / |W| "
+                                 "per matrix: the mechanisms themselves must sum to W, not with weight that no input uses")
     output_error_max: float = Field(0.25, gt=0, description="largest output MSE with only the active mechanisms, as a "
                                     "fraction of the MSE with every decomposed matrix ablated (0.25: the mechanisms "
                                     "reproduce at least 75% of what the decomposed matrices do to the output)")

@@ -55,3 +55,17 @@ def feature_truth_labels(model: DecomposedModel, n_features: int, pieces: Pieces
     silent &= ~shared
     labels[silent] = n_features + 1 + np.arange(int(silent.sum()))
     return labels
+
+
+def dedicated_labels(model: DecomposedModel, n_features: int, pieces: Pieces, topk: Mapping[str, float],
+                     names: Sequence[str], feature_mechanisms: Sequence[int],
+                     shared_matrices: Sequence[str] = ()) -> np.ndarray:
+    """One label per piece (matrices side by side in ``names`` order): the
+    mechanism of the one feature whose one-hot input the piece is active on;
+    -1 for pieces active on no one-hot input or on several, and for the
+    pieces of a matrix every input uses (the TMS hidden identity)."""
+    _, masks, _ = one_hot_probe(model, n_features, pieces, topk, value=1.0)
+    active = np.concatenate([masks[n].numpy() for n in names], axis=1)  # (n_features, P)
+    only = (active.sum(axis=0) == 1) & ~np.repeat(np.isin(list(names), list(shared_matrices)),
+                                                  [pieces[n][0].shape[0] for n in names])
+    return np.where(only, np.asarray(feature_mechanisms)[active.argmax(axis=0)], -1)

@@ -41,6 +41,8 @@ class TargetSpec:
     # scores(model, pieces, topk) -> {name: float}; truth_labels(model, pieces, topk, names) -> labels
     scores: Callable | None = None
     truth_labels: Callable | None = None
+    # dedicated_labels(model, pieces, topk, names) -> (P,) the feature each piece alone serves, -1 if none
+    dedicated_labels: Callable | None = None
     # mechanism_scores(model, pieces, labels {matrix: (C,) int}, topk, generator) -> {name: float}: a
     # grouping's ground-truth scores, for targets whose answer is about mechanisms (induction, modadd, tiny_lm)
     mechanism_scores: Callable | None = None

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from apdkit.stages.group.coactivation import coactivation_numpy
-from apdkit.stages.group.methods import METHODS, GroupingError, GroupingInput, GroupingSettings
-from apdkit.stages.group.mechanisms import partition_scores
-from apdkit.stages.group.mechanisms import description_length, numerical_rank, relabel
+from apdkit.stages.group.methods import METHODS, GroupingError, GroupingInput, GroupingSettings, apart, group_pieces
+from apdkit.stages.group.mechanisms import (description_length, feature_merges, numerical_rank, partition_scores,
+                                            relabel)
 
 
 def planted(seed=0, n=4000, sizes=(3, 2, 2, 1, 3)):
@@ -107,3 +107,50 @@ def test_two_pieces_alone_are_one_group_only_when_strongly_linked():
         b = a & (rng.random(20000) < p_together)
         labels = METHODS["spectral"](_input_from_masks(np.stack([a, b], axis=1)), GroupingSettings())
         assert len(set(labels.tolist())) == expected_groups, p_together
+
+
+def test_apart_pairs_on_a_small_case():
+    # A on rows 0-1, B on rows 2-3, H (shared by A and B) on rows 0-3, I1 and I2 on all 10 rows
+    rows = np.zeros((10, 5), dtype=bool)
+    rows[0:2, 0] = rows[2:4, 1] = rows[0:4, 2] = True
+    rows[:, 3] = rows[:, 4] = True
+    bad = apart(coactivation_numpy(rows), np.arange(5), together_min=0.3)
+    # A-B never together; I is at chance with everything but its twin (always together)
+    assert bad.astype(int).tolist() == [[0, 1, 0, 1, 1],
+                                        [1, 0, 0, 1, 1],
+                                        [0, 0, 0, 1, 1],
+                                        [1, 1, 1, 0, 0],
+                                        [1, 1, 1, 0, 0]]
+
+
+def test_feature_merges_counts():
+    predicted = np.array([0, 0, 1, 1, -1])
+    dedicated = np.array([0, 1, 1, -1, 2])  # mechanism 0 holds features 0 and 1; feature 1 also in mechanism 1
+    assert feature_merges(predicted, dedicated) == {"merged_features": 2.0, "split_features": 1.0}
+
+
+def _shared_piece_cases():
+    """Features with their own pieces and pieces shared by several features
+    (as resid_mlp's W_out directions serving two or three features)."""
+    rng = np.random.default_rng(0)
+    n = 20000
+    feats = rng.random((n, 4)) < 0.05
+    cols = [feats[:, f] & (rng.random(n) > 0.05) for f in range(4) for _ in range(2)]
+    two_pieces = np.stack(cols + [feats[:, 0] | feats[:, 1], feats[:, 1] | feats[:, 2] | feats[:, 3]], axis=1)
+    star = rng.random((n, 3)) < 0.03  # one piece per feature and one shared by all three
+    return [(two_pieces, np.array([0, 0, 1, 1, 2, 2, 3, 3, -1, -1])),
+            (np.concatenate([star, star.any(1, keepdims=True)], axis=1), np.array([0, 1, 2, -1]))]
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "leiden"])
+def test_no_grouping_joins_features_through_a_shared_piece(method):
+    for masks, dedicated in _shared_piece_cases():
+        labels = group_pieces(method, _input_from_masks(masks), GroupingSettings())
+        assert feature_merges(labels, dedicated) == {"merged_features": 0.0, "split_features": 0.0}
+
+
+def test_without_the_apart_rule_methods_join_features():
+    (two_pieces, ded2), (star, ded_star) = _shared_piece_cases()
+    off = GroupingSettings(together_min=0.0)
+    assert feature_merges(group_pieces("mdl", _input_from_masks(two_pieces), off), ded2)["merged_features"] == 2
+    assert feature_merges(group_pieces("louvain", _input_from_masks(star), off), ded_star)["merged_features"] == 3

@@ -64,6 +64,7 @@ def test_own_mlp_through_the_python_api(parts_run):
     scores = run.scores()
     assert scores["faithfulness_rel_error/fc_in"] < 0.02 and scores["faithfulness_rel_error/fc_out"] < 0.02
     assert_parts_are_separate_mechanisms(run)
+    assert run.grouping_info("spectral")["together_min"] == 0.3  # one row per input: the apart rule is on
     result = run.verify(samples=2000)
     assert result["checks"]["faithfulness"]["passed"]
     assert result["checks"]["minimality"]["passed"], result["checks"]["minimality"]
@@ -110,6 +111,7 @@ def test_transformer_per_position_with_identity_insertion(tmp_path):
     assert masks.shape == (96 * 8, 24)  # one row per (sequence, position)
     assert run.eval_inputs().shape == (96, 8)
     info = run.group("spectral")
+    assert info["together_min"] == 0.0  # rows are positions: a head's query and key pieces fire on different ones
     ident = info["identity"]["blocks.0.mlp.fc_in.identity"]
     assert ident["one_mechanism"] and ident["active_share"] > 0.99, ident
     result = run.verify(samples=64)

@@ -36,6 +36,10 @@ def test_verify_passes_on_a_good_decomposition(grouped_id):
     assert result.exit_code == 0, result.output
     ver = open_run(grouped_id).verification("g")
     assert ver["passed"]
+    info = open_run(grouped_id).grouping_info("g")
+    assert info["together_min"] == 0.3
+    # each feature's pieces one mechanism of their own (the identity's pieces are no feature's)
+    assert info["scores"]["merged_features"] == 0 and info["scores"]["split_features"] == 0
     mini = ver["checks"]["minimality"]["figures"]
     assert mini["mechanisms/fraction_of_ablated"] < 0.1
     # mechanisms: the identity is one, so fewer active per input than pieces
@@ -63,6 +67,36 @@ def test_verify_catches_a_perturbed_mechanism(grouped_id):
     result = apd("verify", "--store", grouped_id, "--method", "g", "-q")
     assert result.exit_code == 1
     assert "failed: faithfulness" in result.output
+
+
+def test_verify_catches_weight_held_by_dead_pieces(grouped_id):
+    """An alive piece grows by half and a dead piece takes that half back:
+    the pieces still sum to W, but the mechanisms alone do not."""
+    import numpy as np
+
+    from apdkit.stores.run import STAGE1, RunStore
+
+    run = open_run(grouped_id)
+    labels = run.grouping("g")["W"]
+    pieces = run.pieces()
+    U, V = pieces["W"]
+    p = int(np.flatnonzero(labels >= 0)[0])
+    dead_pieces = np.flatnonzero(labels < 0)  # the one holding the least weight is overwritten
+    dead = int(dead_pieces[np.argmin([float(U[d].norm() * V[d].norm()) for d in dead_pieces])])
+    W = U.T @ V  # the pieces' sum: W up to stage 1's error
+    U[dead], V[dead] = -0.5 * U[p], V[p]
+    U[p] *= 1.5
+    expected_share = float((U[dead_pieces].T @ V[dead_pieces]).norm() / W.norm())
+    store = RunStore(grouped_id, run.model_name)
+    store.write_stage1_pieces(pieces)
+    store.set_stage(STAGE1, "done", **{k: v for k, v in run.attrs(STAGE1).items() if k not in ("status", "checksums")})
+    result = apd("verify", "--store", grouped_id, "--method", "g", "-q")
+    assert result.exit_code == 1, result.output
+    faith = open_run(grouped_id).verification("g")["checks"]["faithfulness"]
+    assert not faith["passed"]
+    assert faith["figures"]["rel_error/W"] < 0.02  # the pieces still sum to W
+    assert faith["figures"]["set_aside_share/W"] == pytest.approx(expected_share, rel=0.02)
+    assert expected_share > 0.1
 
 
 def test_verify_catches_cancelling_pieces_in_inactive_mechanisms(grouped_id):

@@ -80,6 +80,21 @@ def partition_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, floa
     }
 
 
+def feature_merges(predicted: np.ndarray, dedicated: np.ndarray) -> dict[str, float]:
+    """How a grouping treats the features' dedicated pieces (``dedicated``:
+    the feature of each piece, -1 for shared or silent ones, see
+    targets/probes.dedicated_labels): ``merged_features`` counts features
+    whose dedicated pieces share a mechanism with another feature's, and
+    ``split_features`` those whose dedicated pieces are spread over more
+    than one mechanism. The known answer has 0 of each."""
+    own = (dedicated >= 0) & (predicted >= 0)
+    pairs = np.unique(np.stack([predicted[own], dedicated[own]], axis=1), axis=0)  # (mechanism, feature)
+    mech, n_feat = np.unique(pairs[:, 0], return_counts=True)
+    merged = np.unique(pairs[np.isin(pairs[:, 0], mech[n_feat > 1]), 1])
+    feat, n_mech = np.unique(pairs[:, 1], return_counts=True)
+    return {"merged_features": float(len(merged)), "split_features": float((n_mech > 1).sum())}
+
+
 def identity_mechanisms(labels: Mapping[str, np.ndarray], identities: list[str]) -> dict[str, dict]:
     """For each inserted identity matrix: whether all its pieces landed in one
     mechanism (none set aside), which one, and whether that mechanism holds

@@ -16,6 +16,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import eigsh
 from sklearn.cluster import SpectralClustering
 
+from apdkit.stages.config import TOGETHER_MIN
 from apdkit.stages.group.coactivation import CoactivationStats, jaccard
 from apdkit.stages.group.mechanisms import relabel
 
@@ -37,6 +38,7 @@ class GroupingSettings:
     threshold: float = 0.5
     resolution: float = 1.0
     max_groups: int | None = None
+    together_min: float = TOGETHER_MIN
     seed: int = 0
 
 
@@ -263,6 +265,70 @@ def mdl(inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
     for gi, m in enumerate(members):
         labels[m] = gi
     return relabel(labels)
+
+
+def apart(stats: CoactivationStats, idx: np.ndarray, together_min: float) -> np.ndarray:
+    """(len(idx), len(idx)) bool: pairs of pieces that must not share a
+    mechanism. Two pieces are apart when they fire together no more than
+    CHANCE_LIFT times chance, or on at most ``together_min`` of the rarer
+    one's inputs, unless they (almost) always fire together (an inserted
+    identity, on for every input, is at chance with itself). A piece that
+    serves two features (fires on both) is not apart from either, but the
+    features' own pieces are apart from each other."""
+    c = stats.counts[idx].astype(np.float64)
+    co = stats.co[idx][:, idx].toarray().astype(np.float64)
+    expected = c[:, None] * c[None, :] / max(stats.n_samples, 1)
+    rarer = np.minimum(c[:, None], c[None, :])
+    out = (co <= np.maximum(CHANCE_LIFT * expected, together_min * rarer)) & (
+        jaccard(co, c[:, None], c[None, :]) < ALWAYS_TOGETHER)
+    np.fill_diagonal(out, False)
+    return out
+
+
+SPLIT_MAX_PIECES = 4000  # a group is checked with dense (members x members) matrices
+
+
+def split_apart(labels: np.ndarray, inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
+    """Split every group that holds two pieces that are ``apart`` (a
+    cannot-link rule, for any method): by connected components of its links
+    first, then by spectral bisection, until no group holds such a pair.
+    What joins two features' pieces is then never kept: a piece shared by
+    both (one W_out direction serving two features) goes with one side."""
+    A = affinity(inp.stats)
+    out = labels.copy()
+    next_label = int(labels.max()) + 1
+    todo = [np.flatnonzero(labels == g) for g in np.unique(labels)]
+    while todo:
+        idx = todo.pop()
+        if len(idx) < 2 or len(idx) > SPLIT_MAX_PIECES:
+            continue
+        bad = apart(inp.stats, idx, s.together_min)
+        if not bad.any():
+            continue
+        sub = A[idx][:, idx].tocsr()
+        n_parts, parts = connected_components(sub, directed=False)
+        if n_parts == 1:
+            parts = _cluster(sub, 2, s.seed)
+            if len(np.unique(parts)) < 2:  # no bisection found: the piece apart from most others leaves
+                parts = np.zeros(len(idx), dtype=np.int64)
+                parts[bad.sum(1).argmax()] = 1
+        for part in np.unique(parts):
+            members = idx[parts == part]
+            if part != parts[0]:
+                out[members] = next_label
+                next_label += 1
+            todo.append(members)
+    return relabel(out)
+
+
+def group_pieces(method: str, inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
+    """One label per alive piece: the method's grouping, then (unless the
+    group count is fixed or together_min is 0) split so that no group holds
+    two pieces that are apart."""
+    labels = METHODS[method](inp, s)
+    if s.n_groups is not None or s.together_min <= 0:
+        return labels
+    return split_apart(labels, inp, s)
 
 
 METHODS: dict[str, Callable[[GroupingInput, GroupingSettings], np.ndarray]] = {

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from apdkit.core.model import TargetError
-from apdkit.stages.config import GroupConfig, Stage1Config
+from apdkit.stages.config import TOGETHER_MIN, GroupConfig, Stage1Config
 from apdkit.stages.errors import StageError
 from apdkit.stages.group.coactivation import (CoactivationStats, PieceIndex, alive_pieces, coactivation_dask,
                                               coactivation_numpy, group_activity_counts, sample_rows)
-from apdkit.stages.group.mechanisms import (description_length, identity_mechanisms, mechanism_ranks,
+from apdkit.stages.group.mechanisms import (description_length, feature_merges, identity_mechanisms, mechanism_ranks,
                                             numerical_rank, partition_scores, relabel)
-from apdkit.stages.group.methods import METHODS, GroupingError, GroupingInput, GroupingSettings
+from apdkit.stages.group.methods import METHODS, GroupingError, GroupingInput, GroupingSettings, group_pieces
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
 from apdkit.stages.selection import Gates, piece_masks
@@ -121,14 +121,17 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
             out[j] = numerical_rank(flat_U[j][local], flat_V[j][local], cfg.rank_rtol)
         return out
 
+    together_min = cfg.together_min
+    if together_min is None:
+        together_min = TOGETHER_MIN if n_stored == run.eval_inputs().shape[0] else 0.0
     inp = GroupingInput(sub, sample_masks, matrix_of, union_rank)
     settings = GroupingSettings(n_groups=cfg.n_groups, alpha=cfg.alpha, threshold=cfg.threshold,
-                                resolution=cfg.resolution, seed=cfg.seed)
+                                resolution=cfg.resolution, together_min=together_min, seed=cfg.seed)
     results = []
     for method in methods:
         reporter.message(f"grouping with {method}")
         try:
-            labels_alive = METHODS[method](inp, settings)
+            labels_alive = group_pieces(method, inp, settings)
         except GroupingError as e:
             raise StageError(str(e)) from None
         labels = np.full(index.total, -1, dtype=np.int64)
@@ -147,6 +150,7 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
         "n_samples": int(stats.n_samples),
         "n_alive": int(alive.sum()),
         "n_groups": int(labels.max()) + 1,
+        "together_min": together_min,
         "description_length": dl,
         "description_length_per_input": dl / stored_rows,
         "ranks": {n: ranks[:, j].tolist() for j, n in enumerate(index.names)},
@@ -167,6 +171,9 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
         _, topk = matrix_settings(target, stage1_cfg)
         truth = target.builtin.truth_labels(target.model, pieces_t, topk, index.names)
         summary["scores"] = partition_scores(labels[alive], truth[alive])
+        if target.builtin.dedicated_labels is not None:
+            dedicated = target.builtin.dedicated_labels(target.model, pieces_t, topk, index.names)
+            summary["scores"].update(feature_merges(labels, dedicated))
     if target is not None and target.has_ground_truth and target.builtin.mechanism_scores is not None:
         reporter.message("scoring mechanisms against the ground truth")
         _, topk = matrix_settings(target, stage1_cfg)

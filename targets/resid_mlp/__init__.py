@@ -15,6 +15,7 @@ def spec(name: str, n: int, d_mlp: int, layers: int, steps: int, stage1: dict) -
         sample=model.sample, fit=model.fit, check=model.check,
         modules=("layers.*.W_in", "layers.*.W_out"), hidden=("layers.*.act",),
         stage1=stage1, fast_sites=model.fast_sites,
-        scores=scoring.scores, truth_labels=scoring.truth_labels, figures=figures.figures,
+        scores=scoring.scores, truth_labels=scoring.truth_labels,
+        dedicated_labels=scoring.dedicated_labels, figures=figures.figures,
         criteria={"resid/dedicated_features": 98.0},  # of 100 (102 for resid_mlp3), in any layer
     )

@@ -11,7 +11,7 @@ import torch
 
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import Pieces
-from apdkit.targets.probes import dedicated_pieces, feature_truth_labels, one_hot_probe
+from apdkit.targets.probes import dedicated_labels as probe_dedicated_labels, dedicated_pieces, feature_truth_labels, one_hot_probe
 
 
 def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float]) -> dict[str, float]:
@@ -36,3 +36,8 @@ def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float]) ->
 def truth_labels(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float], names: Sequence[str]) -> np.ndarray:
     n = model.module.n_features
     return feature_truth_labels(model, n, pieces, topk, names, list(range(n)))
+
+
+def dedicated_labels(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float], names: Sequence[str]) -> np.ndarray:
+    n = model.module.n_features
+    return probe_dedicated_labels(model, n, pieces, topk, names, list(range(n)))

@@ -15,7 +15,8 @@ def spec(name: str, n: int, m: int, identity: bool, batch: int, steps: int, stag
         sample=model.sample, fit=model.fit, check=model.check,
         modules=("W", "W_T", "hidden") if identity else ("W", "W_T"),
         stage1=stage1, fast_sites=model.fast_sites,
-        scores=scoring.scores, truth_labels=scoring.truth_labels, figures=figures.figures,
+        scores=scoring.scores, truth_labels=scoring.truth_labels,
+        dedicated_labels=scoring.dedicated_labels, figures=figures.figures,
         # every feature's column found (SPD publishes 1.000 on all four); the identity summed up
         criteria={"tms/mmcs": 0.99},
         criteria_max={"faithfulness_rel_error/hidden": 0.01} if identity else {},

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import Pieces
-from apdkit.targets.probes import feature_truth_labels
+from apdkit.targets.probes import dedicated_labels as probe_dedicated_labels, feature_truth_labels
 
 
 def feature_recovery(W: Tensor, U: Tensor, V: Tensor) -> dict[str, float]:
@@ -50,3 +50,9 @@ def truth_labels(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, floa
     tms = model.module
     shared = ("hidden",) if tms.hidden is not None else ()
     return feature_truth_labels(model, tms.n_features, pieces, topk, names, tms.feature_mechanisms(), shared)
+
+
+def dedicated_labels(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float], names: Sequence[str]) -> np.ndarray:
+    tms = model.module
+    shared = ("hidden",) if tms.hidden is not None else ()
+    return probe_dedicated_labels(model, tms.n_features, pieces, topk, names, tms.feature_mechanisms(), shared)
