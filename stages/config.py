@@ -165,8 +165,9 @@ class VerifyConfig(BaseModel):
     samples: int | None = Field(None, gt=0, description="fresh inputs drawn for the minimality check "
                                 "(default: as many as stage 1's evaluation set)")
     faithfulness_max: float = Field(0.02, gt=0, description="largest relative error |W - sum of mechanisms| / |W| per matrix")
-    set_aside_max: float = Field(0.1, gt=0, description="largest share |sum of the pieces set aside as dead| / |W| "
-                                 "per matrix: the mechanisms themselves must sum to W, not with weight that no input uses")
+    set_aside_error_max: float = Field(
+        0.1, gt=0, description="largest output MSE with every mechanism on and the pieces set aside as dead off, as a "
+        "fraction of the MSE with every decomposed matrix ablated: weight that no input uses must not matter")
     output_error_max: float = Field(0.25, gt=0, description="largest output MSE with only the active mechanisms, as a "
                                     "fraction of the MSE with every decomposed matrix ablated (0.25: the mechanisms "
                                     "reproduce at least 75% of what the decomposed matrices do to the output)")

@@ -46,6 +46,10 @@ def test_toy_criteria_flag_a_missed_feature_and_an_unsummed_identity():
         "faithfulness_rel_error/hidden = 0.2623 misses its criterion <= 0.01"]
     assert missed_criteria({"tms/mmcs": 0.9999, "faithfulness_rel_error/hidden": 0.0016}, tms.criteria,
                            tms.criteria_max) == []
+    # learned gates, seed 0: the criteria of the columns and the identity met, the lengths 1.8x
+    learned = {"tms/mmcs": 0.9974, "tms/grouped_ml2r": 1.806, "faithfulness_rel_error/hidden": 0.0012}
+    assert missed_criteria(learned, tms.criteria, tms.criteria_max) == [
+        "tms/grouped_ml2r = 1.806 misses its criterion <= 1.1"]
     resid = TARGETS["resid_mlp3"]
     assert missed_criteria({"resid/dedicated_features": 97.0}, resid.criteria, resid.criteria_max) == [
         "resid/dedicated_features = 97 misses its criterion >= 98"]

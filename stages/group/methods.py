@@ -294,7 +294,7 @@ def split_apart(labels: np.ndarray, inp: GroupingInput, s: GroupingSettings) -> 
     first, then by spectral bisection, until no group holds such a pair.
     What joins two features' pieces is then never kept: a piece shared by
     both (one W_out direction serving two features) goes with one side."""
-    A = affinity(inp.stats)
+    A = None  # the links, built only if some group needs splitting
     out = labels.copy()
     next_label = int(labels.max()) + 1
     todo = [np.flatnonzero(labels == g) for g in np.unique(labels)]
@@ -305,6 +305,7 @@ def split_apart(labels: np.ndarray, inp: GroupingInput, s: GroupingSettings) -> 
         bad = apart(inp.stats, idx, s.together_min)
         if not bad.any():
             continue
+        A = affinity(inp.stats) if A is None else A
         sub = A[idx][:, idx].tocsr()
         n_parts, parts = connected_components(sub, directed=False)
         if n_parts == 1:

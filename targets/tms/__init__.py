@@ -17,7 +17,8 @@ def spec(name: str, n: int, m: int, identity: bool, batch: int, steps: int, stag
         stage1=stage1, fast_sites=model.fast_sites,
         scores=scoring.scores, truth_labels=scoring.truth_labels,
         dedicated_labels=scoring.dedicated_labels, figures=figures.figures,
-        # every feature's column found (SPD publishes 1.000 on all four); the identity summed up
-        criteria={"tms/mmcs": 0.99},
-        criteria_max={"faithfulness_rel_error/hidden": 0.01} if identity else {},
+        # every feature's column found (SPD publishes 1.000 on all four) at its length (split pieces
+        # summed; SPD publishes ML2R near 1.0); the identity summed up
+        criteria={"tms/mmcs": 0.99, "tms/grouped_ml2r": 0.9},
+        criteria_max={"tms/grouped_ml2r": 1.1, **({"faithfulness_rel_error/hidden": 0.01} if identity else {})},
     )
