@@ -11,7 +11,8 @@ probability 0.95, plus Poisson(5) pieces firing at random (noise, which is
 what fills the co-activation matrix with chance pairs). The steps are the
 stage's own functions: co-activation counts (sparse, folded chunk by chunk),
 the chance-filtered affinity graph, spectral grouping per connected
-component, the split of groups holding pieces that are apart, and the group activity counts of the description length. The
+component, the split of groups holding pieces that are apart, and the
+group activity counts of the description length. The
 baseline, in the same process, is what the dense statistics the stage used
 before would hold: two (P, P) float64 matrices, plus one (2, P, P) float64
 partial sum per chunk in flight.

@@ -103,7 +103,8 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
     method = cfg.attribution or stage1_cfg.attribution
 
     gen = generator(stage1_cfg.seed, "verify", cfg.seed)
-    sums = {"pieces_mse": 0.0, "mech_mse": 0.0, "ablated_mse": 0.0, "all_mech_mse": 0.0, "pieces_active": 0.0, "mech_active": 0.0,
+    sums = {"pieces_mse": 0.0, "mech_mse": 0.0, "ablated_mse": 0.0, "all_mech_mse": 0.0,
+            "pieces_active": 0.0, "mech_active": 0.0,
             "stochastic_mse": 0.0, "resample_mse": 0.0}
     # adversarial search on the first inputs only: per row, worst and typical (stochastic) error, ablated error
     adv = {"worst": [], "typical": [], "ablated": []}
@@ -131,7 +132,8 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
         out_m = model.run(x, pieces_on, {k: mech_mask @ membership[k].T for k in pieces}).output
         zero_err = ((zero_out - target_out) ** 2).mean(dim=1)
         # every mechanism on, the set-aside pieces off: what the weight no input uses does to the output
-        all_on = model.run(x, pieces_on, {k: m.sum(1).unsqueeze(0).expand(rows, -1) for k, m in membership.items()}).output
+        alive_on = {k: m.sum(1).unsqueeze(0).expand(rows, -1) for k, m in membership.items()}
+        all_on = model.run(x, pieces_on, alive_on).output
         sums["all_mech_mse"] += float(((all_on - target_out) ** 2).mean()) * rows
         for _ in range(cfg.stochastic_samples):
             stoch_err = mechanism_output_error(model, x, pieces_on, membership, stochastic_masks(mech_mask, gen),

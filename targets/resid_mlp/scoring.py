@@ -11,7 +11,8 @@ import torch
 
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import Pieces
-from apdkit.targets.probes import dedicated_labels as probe_dedicated_labels, dedicated_pieces, feature_truth_labels, one_hot_probe
+from apdkit.targets.probes import dedicated_labels as probe_dedicated_labels
+from apdkit.targets.probes import dedicated_pieces, feature_truth_labels, one_hot_probe
 
 
 def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float]) -> dict[str, float]:
