@@ -42,6 +42,11 @@ def run_all(tmp_path, model, *extra):
     return open_run(store)
 
 
+def test_resid_mlp_run_passes_every_verify_check(tmp_path):
+    verification = run_all(tmp_path, "resid_mlp").verification("spectral")
+    assert verification["passed"], {c: v["figures"] for c, v in verification["checks"].items() if not v["passed"]}
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_induction_pieces_reproduce_both_functions(tmp_path, seed):
     scores = run_all(tmp_path, "induction", "--seed", seed, "--method", "mdl").scores()
