@@ -45,7 +45,9 @@ TARGETS: dict[str, TargetSpec] = {
         tms.spec("tms_6-3-synced", 6, 3, False, 1024, 5000, dict(_TMS_SMALL, n_pieces=12, topk=0.3),
                  synced_features=(0, 1)),
         resid_mlp.spec("resid_mlp", 100, 50, 1, 3000, dict(_RESID, simplicity_coeff=10.0)),
-        resid_mlp.spec("resid_mlp2", 100, 25, 2, 3000, _RESID_DEEP),
+        # 10,000 steps: at 3,000 verify failed 4 checks on 3 of 3 seeds; at 10,000 it passes on 2 of 3 (seed 0:
+        # set-aside 0.102 against 0.1), at about 3x the stage-1 time (RESULTS.md, "The stochastic term")
+        resid_mlp.spec("resid_mlp2", 100, 25, 2, 3000, dict(_RESID_DEEP, steps=10000)),
         resid_mlp.spec("resid_mlp3", 102, 17, 3, 3000, _RESID_DEEP),
         modadd.spec("modadd", dict(p=53, d_embed=16, d_hidden=128, train_fraction=0.6), _MODADD_TRAIN, _MODADD),
         tiny_lm.spec("tiny_lm", dict(vocab=256, d_model=128, n_layers=2, heads=4, context=64), _TINY_LM_TRAIN,
