@@ -2,6 +2,10 @@
 
 from pathlib import Path
 
+import torch
+
+from apdkit.targets.registry import TARGETS
+
 LOCK_FILES = {".apd.lock", ".apd.lock.owner"}  # the writer lock: process bookkeeping, not store content
 
 
@@ -10,3 +14,11 @@ def store_tree(path: Path) -> list:
     that a refused command changed nothing."""
     return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
                   for p in Path(path).rglob("*") if p.is_file() and p.name not in LOCK_FILES)
+
+
+def made_target(name: str, seed: int) -> torch.nn.Module:
+    """A built-in target's module with untrained weights drawn from ``seed``,
+    leaving the global random state as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return TARGETS[name].make()

@@ -9,6 +9,7 @@ from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import init_random
 from apdkit.targets.load import TargetRef, decomposed_model
 from apdkit.targets.registry import TARGETS
+from tests.helpers import made_target
 from tests.user_models import TinyTransformer
 
 
@@ -20,9 +21,7 @@ def _random_pieces(model: DecomposedModel, C: int, gen, scale: float = 3.0):
 def test_closed_form_and_generic_paths_equal_reference(name):
     spec = TARGETS[name]
     gen = torch.Generator().manual_seed(7)
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        module = spec.make()
+    module = made_target(name, 3)
     fast_model = decomposed_model(TargetRef(name, modules=spec.modules, hidden=spec.hidden), module)
     generic = DecomposedModel(module, spec.modules, hidden=spec.hidden)
     assert fast_model.fast_sites is not None and generic.fast_sites is None
@@ -118,9 +117,7 @@ def test_other_methods_equal_their_definition_per_position_on_a_transformer(meth
 def test_other_methods_equal_their_definition_on_a_toy(method):
     spec = TARGETS["resid_mlp"]
     gen = torch.Generator().manual_seed(7)
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        module = spec.make()
+    module = made_target("resid_mlp", 3)
     model = decomposed_model(TargetRef("resid_mlp", modules=spec.modules), module)
     pieces = _random_pieces(model, 4, gen, scale=0.3)
     x = spec.sample(module, 3, gen)

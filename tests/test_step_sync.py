@@ -14,6 +14,7 @@ from apdkit.stages.stage1.train import coefficients, new_state, simplicity_weigh
 from apdkit.stages.target import Target, matrix_settings
 from apdkit.targets.load import TargetRef, decomposed_model
 from apdkit.targets.registry import TARGETS
+from tests.helpers import made_target
 
 aten = torch.ops.aten
 HOST_SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
@@ -33,9 +34,7 @@ class HostSyncDetector(TorchDispatchMode):
 @pytest.mark.parametrize("name", ["tms_5-2-id", "resid_mlp2"])
 def test_objective_and_backward_do_not_sync(name):
     spec = TARGETS[name]
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        module = spec.make()
+    module = made_target(name, 0)
     for p in module.parameters():
         p.requires_grad_(False)
     ref = TargetRef(name, modules=spec.modules, hidden=spec.hidden)
