@@ -216,6 +216,8 @@ def group(
     threshold: Optional[float] = typer.Option(None, help="threshold: Jaccard co-activation for an edge"),
     resolution: Optional[float] = typer.Option(None, help="louvain/leiden resolution"),
     samples: Optional[int] = typer.Option(None, help="inputs to collect co-activation on (more than stored: new ones are drawn)"),
+    shared_pieces: Optional[str] = typer.Option(None, help="method (default) | own: a piece that two mechanisms "
+                                                "never active together use about equally becomes its own mechanism"),
     name: Optional[str] = typer.Option(None, help="name of the grouping in the store (default: the method)"),
     config: Optional[Path] = typer.Option(None, help="YAML file of grouping settings"),
     scheduler: Optional[str] = typer.Option(None, help="address of a dask.distributed scheduler (default: local threads)"),
@@ -230,7 +232,8 @@ def group(
     path = _find_store(store, model)
     with user_errors(path):
         cfg = resolve_group(config, method=method, n_groups=n_groups, alpha=alpha, threshold=threshold,
-                            resolution=resolution, samples=samples, name=name)
+                            resolution=resolution, samples=samples, name=name,
+                            shared_pieces=shared_pieces)
         client = _dask_client(scheduler)
         try:
             with reporter(quiet or as_json) as rep:

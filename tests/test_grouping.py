@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from apdkit.stages.group.coactivation import coactivation_numpy
-from apdkit.stages.group.methods import METHODS, GroupingError, GroupingInput, GroupingSettings, apart, group_pieces
+from apdkit.stages.group.methods import (METHODS, GroupingError, GroupingInput, GroupingSettings, apart, bridges,
+                                        group_pieces)
 from apdkit.stages.group.mechanisms import (description_length, feature_merges, numerical_rank, partition_scores,
                                             relabel)
 
@@ -154,3 +155,40 @@ def test_without_the_apart_rule_methods_join_features():
     off = GroupingSettings(together_min=0.0)
     assert feature_merges(group_pieces("mdl", _input_from_masks(two_pieces), off), ded2)["merged_features"] == 2
     assert feature_merges(group_pieces("louvain", _input_from_masks(star), off), ded_star)["merged_features"] == 3
+
+
+def test_bridges_on_a_small_case():
+    # as test_apart_pairs_on_a_small_case, plus H2: rows 0-2 (with A on both of A's rows, with B on one of B's)
+    rows = np.zeros((10, 6), dtype=bool)
+    rows[0:2, 0] = rows[2:4, 1] = rows[0:4, 2] = True
+    rows[:, 3] = rows[:, 4] = True
+    rows[0:3, 5] = True
+    # H fires with A and with B (apart) on 2 inputs each; H2's one input with B is at chance: not a link
+    assert bridges(coactivation_numpy(rows), together_min=0.3).tolist() == [False, False, True, False, False, False]
+
+
+def _readout_shared_about_equally():
+    """Features 0 and 1 (never together) with two own pieces each, and a
+    piece that feature 0's probe would call its own but that fires on 60% of
+    either feature's inputs (resid_mlp: a W_out direction read from a neuron
+    both features use)."""
+    rng = np.random.default_rng(3)
+    n = 20000
+    f = rng.integers(0, 20, size=n)  # 0, 1: the features; the rest: neither
+    a, b = f == 0, f == 1
+    shared = (a | b) & (rng.random(n) < 0.6)
+    masks = np.stack([a, a & (rng.random(n) < 0.9), b, b & (rng.random(n) < 0.9), shared], axis=1)
+    return masks, np.array([0, 0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "leiden"])
+def test_shared_pieces_own_keeps_two_features_apart(method):
+    masks, dedicated = _readout_shared_about_equally()
+    inp = _input_from_masks(masks)
+    own = group_pieces(method, inp, GroupingSettings(shared_pieces="own"))
+    assert feature_merges(own, dedicated) == {"merged_features": 0.0, "split_features": 1.0}
+    assert len(set(own.tolist())) == 3 and own[4] not in own[:4]
+    kept = group_pieces(method, inp, GroupingSettings())
+    assert kept[0] != kept[2]
+    if method in ("spectral", "louvain"):  # these put the shared piece with one of the features
+        assert kept[4] in (kept[0], kept[2])

@@ -39,6 +39,7 @@ class GroupingSettings:
     resolution: float = 1.0
     max_groups: int | None = None
     together_min: float = TOGETHER_MIN
+    shared_pieces: str = "method"  # "own": every bridge piece is a mechanism of its own
     seed: int = 0
 
 
@@ -322,14 +323,63 @@ def split_apart(labels: np.ndarray, inp: GroupingInput, s: GroupingSettings) -> 
     return relabel(out)
 
 
+BRIDGE_DOMINANCE = 2.0  # a bridge stays where the method put it when one side explains this many times more of it
+
+
+def bridges(stats: CoactivationStats, together_min: float) -> np.ndarray:
+    """(P,) bool: pieces that serve two mechanisms that never share inputs,
+    about equally. A piece p is a bridge when, among the pieces it is linked
+    to (not ``apart`` from it, and active with it at least once), one is
+    apart from p's strongest partner q and fires with p on at least
+    1/BRIDGE_DOMINANCE as many inputs as q does. In resid_mlp: a W_out
+    direction read from a neuron two features share, which one feature's
+    one-hot probe switches on but which fires as often on the other
+    feature's inputs; whichever side it joins, that side's mechanism holds a
+    piece of the other feature."""
+    P = len(stats.counts)
+    out = np.zeros(P, dtype=bool)
+    for p in range(P):
+        row = stats.co[[p]]
+        others = (row.data > 0) & (row.indices != p)
+        nb, co = row.indices[others], row.data[others].astype(np.float64)
+        if len(nb) < 2 or len(nb) >= SPLIT_MAX_PIECES:
+            continue
+        bad = apart(stats, np.concatenate([[p], nb]), together_min)
+        linked = np.flatnonzero(~bad[0, 1:])
+        if len(linked) < 2:
+            continue
+        best = linked[np.argmax(co[linked])]
+        rivals = linked[bad[1 + best, 1 + linked]]
+        out[p] = len(rivals) > 0 and co[rivals].max() * BRIDGE_DOMINANCE >= co[best]
+    return out
+
+
+def split_bridges(labels: np.ndarray, inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
+    """Give every bridge piece a mechanism of its own (bridges that (almost)
+    always fire together share one), so it pulls neither side to the other."""
+    is_bridge = bridges(inp.stats, s.together_min)
+    if not is_bridge.any():
+        return labels
+    idx = np.flatnonzero(is_bridge)
+    sub = inp.stats.restrict(idx)
+    J = sub.co.tocoo()
+    keep = jaccard(J.data.astype(np.float64), sub.counts[J.row], sub.counts[J.col]) >= ALWAYS_TOGETHER
+    same = sparse.csr_array((np.ones(int(keep.sum())), (J.row[keep], J.col[keep])), shape=(len(idx), len(idx)))
+    out = labels.copy()
+    out[idx] = int(labels.max()) + 1 + connected_components(same, directed=False)[1]
+    return relabel(out)
+
+
 def group_pieces(method: str, inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
     """One label per alive piece: the method's grouping, then (unless the
     group count is fixed or together_min is 0) split so that no group holds
-    two pieces that are apart."""
+    two pieces that are apart, and with shared_pieces "own" every bridge
+    piece made a mechanism of its own."""
     labels = METHODS[method](inp, s)
     if s.n_groups is not None or s.together_min <= 0:
         return labels
-    return split_apart(labels, inp, s)
+    labels = split_apart(labels, inp, s)
+    return split_bridges(labels, inp, s) if s.shared_pieces == "own" else labels
 
 
 METHODS: dict[str, Callable[[GroupingInput, GroupingSettings], np.ndarray]] = {

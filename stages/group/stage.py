@@ -126,7 +126,8 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
         together_min = TOGETHER_MIN if n_stored == run.eval_inputs().shape[0] else 0.0
     inp = GroupingInput(sub, sample_masks, matrix_of, union_rank)
     settings = GroupingSettings(n_groups=cfg.n_groups, alpha=cfg.alpha, threshold=cfg.threshold,
-                                resolution=cfg.resolution, together_min=together_min, seed=cfg.seed)
+                                resolution=cfg.resolution, together_min=together_min,
+                                shared_pieces=cfg.shared_pieces, seed=cfg.seed)
     results = []
     for method in methods:
         reporter.message(f"grouping with {method}")
