@@ -192,3 +192,24 @@ def test_shared_pieces_own_keeps_two_features_apart(method):
     assert kept[0] != kept[2]
     if method in ("spectral", "louvain"):  # these put the shared piece with one of the features
         assert kept[4] in (kept[0], kept[2])
+
+
+def test_spectral_solves_on_one_blas_thread(monkeypatch):
+    # eigenvectors differ in the last bits with the thread count and the clustering follows them
+    from threadpoolctl import threadpool_info
+    from sklearn.cluster import SpectralClustering
+
+    seen = []
+
+    def recording(real):
+        def wrapper(*args, **kwargs):
+            seen.append({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(np.linalg, "eigvalsh", recording(np.linalg.eigvalsh))
+    monkeypatch.setattr(SpectralClustering, "fit_predict", recording(SpectralClustering.fit_predict))
+    masks, truth = planted()
+    labels = METHODS["spectral"](make_input(masks, truth), GroupingSettings())
+    assert partition_scores(labels, truth)["exact_match"] == 1.0
+    assert len(seen) >= 2 and all(threads == {1} for threads in seen)
