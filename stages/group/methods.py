@@ -336,9 +336,10 @@ BRIDGE_DOMINANCE = 2.0  # a bridge stays where the method put it when one side e
 def bridges(stats: CoactivationStats, together_min: float) -> np.ndarray:
     """(P,) bool: pieces that serve two mechanisms that never share inputs,
     about equally. A piece p is a bridge when, among the pieces it is linked
-    to (not ``apart`` from it, and active with it at least once), one is
-    apart from p's strongest partner q and fires with p on at least
-    1/BRIDGE_DOMINANCE as many inputs as q does. In resid_mlp: a W_out
+    to (not ``apart`` from it, active with it at least once, and not
+    (almost) always together with it: a twin is p itself), one is apart from
+    p's strongest partner q and fires with p on at least 1/BRIDGE_DOMINANCE
+    as many inputs as q does. In resid_mlp: a W_out
     direction read from a neuron two features share, which one feature's
     one-hot probe switches on but which fires as often on the other
     feature's inputs; whichever side it joins, that side's mechanism holds a
@@ -352,7 +353,8 @@ def bridges(stats: CoactivationStats, together_min: float) -> np.ndarray:
         if len(nb) < 2 or len(nb) >= SPLIT_MAX_PIECES:
             continue
         bad = apart(stats, np.concatenate([[p], nb]), together_min)
-        linked = np.flatnonzero(~bad[0, 1:])
+        twin = jaccard(co, stats.counts[p], stats.counts[nb]) >= ALWAYS_TOGETHER
+        linked = np.flatnonzero(~bad[0, 1:] & ~twin)
         if len(linked) < 2:
             continue
         best = linked[np.argmax(co[linked])]
