@@ -89,6 +89,8 @@ def test_induction_runs_end_to_end_with_its_scores(tmp_path, monkeypatch):
     assert "ground truth" in result.output
     missed = [f for f in ("prev_token", "induction") if truth[f"induction/{f}/recovered"] < 1.0]
     assert all(f"MISSED: induction/{f}/recovered" in result.output for f in missed)
+    flagged = [line for line in result.output.splitlines() if line.startswith("MISSED")]
+    assert len(flagged) == len(set(flagged))  # verify's scores and the grouping's same ones: flagged once
     status = CliRunner().invoke(app, ["status", str(store)])
     assert status.exit_code == 0, status.output
     assert ("MISSED" in status.output) == bool(missed)
