@@ -141,7 +141,8 @@ class GroupConfig(BaseModel):
         "method", description="where the apart rule is on, a piece that fires about as often with each of two "
         "mechanisms that never share inputs (a readout two features share): 'method' leaves it on the side the "
         "method chose, 'own' makes it a mechanism of its own, so no mechanism holds pieces of two such mechanisms "
-        "(on resid_mlp: no merged features, but 16-50 features split off a piece; benchmarks/RESULTS.md)")
+        "(resid_mlp 1/2/3 with spectral: no merged features, but 16-50 features lose a piece to one; "
+        "benchmarks/RESULTS.md, 'Shared pieces')")
     min_rate: float = Field(1e-3, ge=0, lt=1, description="pieces active on fewer inputs than this fraction are dead")
     rank_rtol: float = Field(0.05, gt=0, lt=1, description="numerical rank: singular values below this times the largest piece are zero")
     dl_samples: int = Field(50_000, gt=0, description="inputs sampled for description lengths inside methods")

@@ -216,7 +216,7 @@ def test_spectral_solves_on_one_blas_thread(monkeypatch):
 
 
 def test_bridges_that_always_fire_together_share_one_mechanism():
-    masks, dedicated = _readout_shared_about_equally()
+    masks, _ = _readout_shared_about_equally()
     twin = np.concatenate([masks, masks[:, 4:5]], axis=1)  # a second piece on exactly the shared piece's inputs
     own = group_pieces("spectral", _input_from_masks(twin), GroupingSettings(shared_pieces="own"))
     assert own[4] == own[5] and len(set(own.tolist())) == 3
