@@ -4,12 +4,16 @@ verify verdicts and time to solution.
 
     python benchmarks/methods_table.py --dir runs/methods \\
         --targets tms_5-2 tms_5-2-id tms_40-10 tms_40-10-id resid_mlp --seeds 0 1 2 \\
-        --modes gradient integrated_gradients ablation learned
+        --modes gradient integrated_gradients ablation learned [--jobs 4]
 
 A mode is an attribution method with batch top-k minimality, or `learned`
-(gates; no attribution, no k). Runs that finished before are read back, not
-rerun (delete <dir>/<mode>/<target>-<seed>.zarr to redo one). The wall time
-of each `apd run` is kept beside its store.
+(gates; no attribution, no k); each overrides the target's own default. Runs
+that finished before are read back, not rerun (delete <dir>/<mode>/<target>-
+<seed>.zarr to redo one). The wall time of each `apd run` is kept beside its
+store. `--jobs N` runs N cells at once: they share the GPU and the cores, so
+their times are upper bounds, and one run keeps several cores busy, so 2 to 6
+suit a 16-core GPU machine. `--cell-timeout S` stops a cell after S seconds
+and leaves it out of the table.
 """
 
 from __future__ import annotations
@@ -20,29 +24,39 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from apdkit import open_run
 
 MODES = ("gradient", "integrated_gradients", "ablation", "learned")
 
 
-def run_cell(root: Path, mode: str, target: str, seed: int) -> Path:
+def mode_config(mode: str) -> str:
+    """The stage-1 YAML of a mode. It names the minimality mode too, since some
+    targets default to learned gates."""
+    if mode == "learned":
+        return "minimality: learned\n"
+    return f"minimality: topk\nattribution: {mode}\n"
+
+
+def run_cell(root: Path, mode: str, target: str, seed: int, timeout: float | None = None) -> Path:
     store = root / mode / f"{target}-{seed}.zarr"
     timing = store.with_suffix(".json")
     if timing.exists():
         return store
     store.parent.mkdir(parents=True, exist_ok=True)
+    cfg = root / f"{mode}.yaml"
+    cfg.write_text(mode_config(mode))
     cmd = [sys.executable, "-m", "apdkit.cli", "run", "--model", target, "--seed", str(seed), "--store", str(store),
-           "-q", "--json"]
-    if mode == "learned":
-        cfg = root / "learned.yaml"
-        cfg.write_text("minimality: learned\n")
-        cmd += ["--config", str(cfg)]
-    else:
-        cmd += ["--attribution", mode]
+           "--config", str(cfg), "-q", "--json"]
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{mode} {target} seed {seed}: stopped after {timeout:.0f} s", file=sys.stderr, flush=True)
+        return store
     wall = time.perf_counter() - start
     if done.returncode not in (0, 1):
         print(f"{mode} {target} seed {seed}: apd run failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -52,8 +66,9 @@ def run_cell(root: Path, mode: str, target: str, seed: int) -> Path:
     return store
 
 
-def cell_figures(store: Path) -> dict[str, float] | None:
-    """The cell's scores: ground truth from stage 1, the grouping and verify."""
+def cell_figures(store: Path) -> dict[str, Any] | None:
+    """The cell's scores: ground truth from stage 1, the grouping and verify
+    (floats), and the names of the verify checks that failed."""
     timing = store.with_suffix(".json")
     if not timing.exists():
         return None
@@ -68,6 +83,7 @@ def cell_figures(store: Path) -> dict[str, float] | None:
         ver = run.verification(name) or {}
         out.update(ver.get("truth", {}))
         out["verify_passed"] = float(bool(ver.get("passed")))
+        out["failed_checks"] = [k for k, c in ver.get("checks", {}).items() if not c.get("passed")]
         adv = ver.get("checks", {}).get("adversarial", {}).get("figures", {})
         if adv:
             out["adversarial"] = adv["fraction_of_ablated"]
@@ -88,7 +104,8 @@ def _rescore(run) -> dict[str, float]:
 HEADLINES = {
     "tms": [("MMCS", "tms/mmcs", "{:.3f}"), ("exact", "exact_match", "{:.0f}")],
     "tms-id": [("MMCS", "tms/mmcs", "{:.3f}"), ("id err", "faithfulness_rel_error/hidden", "{:.3f}")],
-    "resid": [("dedicated", "resid/dedicated_features", "{:.0f}"), ("ARI", "ari", "{:.2f}")],
+    "resid": [("dedicated", "resid/dedicated_features", "{:.0f}"), ("ARI", "ari", "{:.2f}"),
+              ("merged", "merged_features", "{:.0f}")],
     "induction": [("prev", "induction/prev_token/recovered", "{:.0f}"), ("ind", "induction/induction/recovered", "{:.0f}")],
     "modadd": [("purity", "modadd/mean_purity", "{:.2f}"), ("keys", "modadd/dedicated_key_fraction", "{:.2f}")],
     "tiny_lm": [("CE rec", "tiny_lm/ce_recovered", "{:.2f}")],
@@ -103,7 +120,7 @@ def headline(target: str) -> list[tuple[str, str, str]]:
     return HEADLINES[target]
 
 
-def cell_text(target: str, cells: list[dict[str, float]]) -> str:
+def cell_text(target: str, cells: list[dict[str, Any]]) -> str:
     if not cells:
         return "–"
     parts = []
@@ -128,21 +145,28 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--table-only", action="store_true", help="print the table of what exists; run nothing")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once")
+    parser.add_argument("--cell-timeout", type=float, default=None, help="seconds before a cell is stopped")
+    parser.add_argument("--json", type=Path, default=None, help="also write every cell's figures to this file")
     args = parser.parse_args()
-    for mode in args.modes:
-        for target in args.targets:
-            for seed in args.seeds:
-                if not args.table_only:
-                    run_cell(args.dir, mode, target, seed)
+    if not args.table_only:
+        cells = [(m, t, s) for m in args.modes for t in args.targets for s in args.seeds]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda c: run_cell(args.dir, *c, timeout=args.cell_timeout), cells))
+    figures = {}
     print("| mode | " + " | ".join(args.targets) + " |")
     print("|---|" + "---|" * len(args.targets))
     for mode in args.modes:
         row = []
         for target in args.targets:
-            cells = [c for s in args.seeds if (c := cell_figures(args.dir / mode / f"{target}-{s}.zarr")) is not None]
+            by_seed = {s: c for s in args.seeds if (c := cell_figures(args.dir / mode / f"{target}-{s}.zarr"))}
+            figures.update({f"{mode}/{target}-{s}": c for s, c in by_seed.items()})
+            cells = list(by_seed.values())
             row.append(cell_text(target, cells))
         label = "learned gates" if mode == "learned" else f"{mode}, top-k"
         print(f"| {label} | " + " | ".join(row) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from apdkit import open_run
 def _config(tmp_path, steps=300):
     cfg = tmp_path / "dp.yaml"
     cfg.write_text(f"steps: {steps}\nwarm_start_steps: 50\ncheckpoint_every: 100\nlog_every: 50\n"
-                   "eval_samples: 1000\nbatch_size: 1024\n")
+                   "eval_samples: 1000\nbatch_size: 1024\ndevice: cpu\n")  # gloo on CPU, also where there is a GPU
     return cfg
 
 
@@ -85,7 +85,23 @@ def test_kill_9_of_a_replica_then_the_same_command_resumes(one_process, tms_stor
 
 def test_a_batch_that_does_not_split_over_the_processes_is_one_line(tms_store, tmp_path):
     cfg = tmp_path / "odd.yaml"
-    cfg.write_text("steps: 10\nbatch_size: 1001\n")
+    cfg.write_text("steps: 10\nbatch_size: 1001\ndevice: cpu\n")
     done = _stage1(tms_store, cfg, "--nproc", "2")
     assert done.returncode != 0
     assert "batch_size 1001 does not split evenly over 2 processes" in done.stderr
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_more_processes_than_gpus_is_one_line(monkeypatch, device):
+    """Two processes on a machine with one GPU: each would take a GPU of its own."""
+    from apdkit.stages.errors import StageError
+    from apdkit.stages.stage1.parallel import replicas_from_env
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")  # rank 0 checks too: it is the one that prints
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(StageError, match=r"2 processes on this machine but torch sees 1 GPU\(s\).*--device cpu"):
+        replicas_from_env(device)

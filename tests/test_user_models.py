@@ -165,6 +165,16 @@ def test_bad_user_input_is_one_line_and_touches_nothing(tmp_path, monkeypatch, a
     assert not store.exists()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the model fails only off the CPU")
+def test_a_model_that_makes_cpu_tensors_fails_on_the_gpu_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    result = apd("stage1", "--model", "tests.user_models:CpuBiasMLP", "--modules", "fc_in", "--data",
+                 "tests.user_models:sample_parts", "--device", "cuda", "--store", tmp_path / "run.zarr", "-q")
+    assert result.exit_code == 2, result.output
+    assert "the model fails on cuda" in result.output and "--device cpu" in result.output, result.output
+    assert result.output.strip().count("\n") == 0
+
+
 def test_kill_9_then_rerun_of_a_user_model_gives_the_same_result(tmp_path):
     cfg = _write_config(tmp_path / "c.yaml", {**PARTS_CONFIG, "steps": 1200, "eval_samples": 2000})
     cmd = [sys.executable, "-m", "apdkit.cli", "run", "--model", "tests.user_models:build_parts_mlp",

@@ -67,7 +67,7 @@ class Attention(nn.Module):
         split = lambda t: t.view(B, T, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         att = (q @ k.transpose(-1, -2)) / (d // self.heads) ** 0.5
-        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf")).softmax(-1)
         return self.o((att @ v).transpose(1, 2).reshape(B, T, d))
 
 
@@ -128,3 +128,10 @@ def build_nan_mlp() -> PartsMLP:
 
 def sample_wrong_shape(n: int, gen: torch.Generator) -> Tensor:
     return torch.rand(n, N_PARTS + 1, generator=gen)
+
+
+class CpuBiasMLP(PartsMLP):
+    """A forward that makes a tensor on the CPU whatever the input's device."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + torch.zeros(x.shape[-1])

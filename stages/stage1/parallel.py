@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from apdkit.core.masks import topk_masks
+from apdkit.stages.errors import StageError
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,11 @@ def replicas_from_env(device_name: str) -> tuple[Replicas, str]:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if cuda:
+        # every rank checks, so rank 0 (the one that prints) says why rather than waiting for the others
+        local_world, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
+        if local_world > gpus:
+            raise StageError(f"{local_world} processes on this machine but torch sees {gpus} GPU(s): run one "
+                             "process per GPU, or add --device cpu")
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         # rank 0 may train the target first: the others wait at the first broadcast

@@ -88,7 +88,13 @@ def _follow(store_path: Path, cfg: Stage1Config, module: nn.Module | None, data:
     target = load_from_store(Run(store_path), module=module, data=data)
     n_pieces, topk = matrix_settings(target, cfg)
     model = target.model.to(device)
-    state = new_state(model, cfg, n_pieces, device, target.sample)
+    try:
+        state = new_state(model, cfg, n_pieces, device, target.sample)  # the model's first forward on the device
+    except RuntimeError as err:
+        if device.type == "cpu" or "device" not in str(err):
+            raise
+        raise StageError(f"the model fails on {device}: {str(err).splitlines()[0]}. A tensor made inside its forward "
+                         "must be on the input's device (device=x.device); or add --device cpu") from err
     state.load_state_dict(state_dict)
     try:
         train(model, target.sample, cfg, topk, state, device=device, replicas=replicas)
@@ -168,7 +174,13 @@ def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.
             reporter.message(f"warning: {name} has rank {rank} but {n_pieces[name]} pieces: they cannot sum to it "
                              "(faithfulness will fail); give n_pieces >= the rank")
     model = target.model.to(device)
-    state = new_state(model, cfg, n_pieces, device, target.sample)
+    try:
+        state = new_state(model, cfg, n_pieces, device, target.sample)  # the model's first forward on the device
+    except RuntimeError as err:
+        if device.type == "cpu" or "device" not in str(err):
+            raise
+        raise StageError(f"the model fails on {device}: {str(err).splitlines()[0]}. A tensor made inside its forward "
+                         "must be on the input's device (device=x.device); or add --device cpu") from err
     if checkpoint is not None:
         state.load_state_dict(checkpoint["state"])
         reporter.message(f"resuming stage1 from step {state.step}")
