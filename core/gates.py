@@ -68,11 +68,18 @@ def piece_inputs(model: DecomposedModel, x: Tensor, pieces: Pieces) -> tuple[dic
     return inner, fwd
 
 
+def open_identities(model: DecomposedModel, g: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``g`` with an inserted identity's gates at 1: its known answer is one
+    piece per dimension, all active, as top-k mode fixes its k to all of them
+    (gated, its pieces were switched off on rows whose output needs them)."""
+    return {n: torch.ones_like(v) if n in model.identities else v for n, v in g.items()}
+
+
 def gates_of(model: DecomposedModel, x: Tensor, pieces: Pieces,
              gates: Mapping[str, Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], Forward]:
     """({matrix: (rows, C) gates}, the target's forward pass)."""
     inner, fwd = piece_inputs(model, x, pieces)
-    return {n: gate_values(gates[n], inner[n]) for n in pieces}, fwd
+    return open_identities(model, {n: gate_values(gates[n], inner[n]) for n in pieces}), fwd
 
 
 def stochastic_piece_masks(g: Mapping[str, Tensor], gen: torch.Generator | None) -> dict[str, Tensor]:

@@ -118,6 +118,17 @@ def test_transformer_per_position_with_identity_insertion(tmp_path):
     assert result["checks"]["identity"]["passed"], result["checks"]["identity"]
 
 
+def test_an_inserted_identity_is_one_always_active_mechanism_with_learned_gates(tmp_path):
+    """Gated like the other pieces, the identity's pieces were switched off where the output needs them
+    (5 mechanisms, active on no input, minimality failed); its gates are now fixed at 1."""
+    run = apdkit.decompose(train_parts_mlp(), sample_parts, modules=["fc_in", "fc_out"], insert_identity=["fc_in"],
+                           store=tmp_path / "run.zarr", config={**PARTS_CONFIG, "minimality": "learned"})
+    ident = run.group("spectral")["identity"]["fc_in.identity"]
+    assert ident["one_mechanism"] and ident["active_share"] == 1.0, ident
+    checks = run.verify()["checks"]
+    assert checks["identity"]["passed"] and checks["minimality"]["passed"], checks
+
+
 def test_a_split_identity_fails_the_identity_check(tmp_path):
     """The identity's pieces put in two mechanisms: verify says so."""
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from apdkit.core.attributions import attributions, no_timer
-from apdkit.core.gates import gate_from_logits, gate_logits, piece_inputs, stochastic_piece_masks
+from apdkit.core.gates import gate_from_logits, gate_logits, open_identities, piece_inputs, stochastic_piece_masks
 from apdkit.core.masks import topk_masks
 from apdkit.core.model import DecomposedModel
 
@@ -79,7 +79,8 @@ def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, T
     |W - sum of pieces|^2 / |W|^2 over all matrices; ``minimality`` the
     output MSE with every piece masked at g + (1 - g) u, as a fraction of the
     MSE with every decomposed matrix ablated; ``importance`` the mean over
-    inputs and matrices of sum_c relu(z_c)^p. No simplicity term (the pieces
+    inputs and matrices of sum_c relu(z_c)^p (an inserted identity has no
+    penalty: its gates are 1, core/gates.py). No simplicity term (the pieces
     are rank 1). ``coeffs``: learned_faithfulness, hidden, importance."""
     n_weights = sum(w.numel() for w in weights.values())
     faith = faithfulness_loss(weights, U, V) * n_weights / sum((w ** 2).sum() for w in weights.values())
@@ -87,7 +88,7 @@ def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, T
     with torch.autocast(x.device.type, dtype=low_precision or torch.bfloat16, enabled=low_precision is not None):
         inner, target = piece_inputs(model, x, live)
         z = {n: gate_logits(gates[n], inner[n].detach().float()) for n in U}  # gates decide; they do not shape pieces
-        g = {n: gate_from_logits(v) for n, v in z.items()}
+        g = open_identities(model, {n: gate_from_logits(v) for n, v in z.items()})
         fwd = model.run(x, live, {n: m.to(x.dtype) for n, m in stochastic_piece_masks(g, gen).items()},
                         hidden=bool(target.hidden))
         with torch.no_grad():
@@ -96,7 +97,9 @@ def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, T
     minimality = torch.nn.functional.mse_loss(fwd.output.float(), target.output.float()) / ablated_mse
     hidden = sum((torch.nn.functional.mse_loss(fwd.hidden[h].float(), target.hidden[h].float())
                   for h in target.hidden), torch.zeros((), device=x.device))
-    importance = sum(v.relu().pow(importance_p).sum(1).mean() for v in z.values()) / len(z)
+    gated = [v for n, v in z.items() if n not in model.identities]
+    importance = sum((v.relu().pow(importance_p).sum(1).mean() for v in gated),
+                     torch.zeros((), device=x.device)) / max(len(gated), 1)
     total = (coeffs["learned_faithfulness"] * faith + minimality + coeffs["hidden"] * hidden
              + coeffs["importance"] * importance)
     zero = torch.zeros((), device=x.device)
