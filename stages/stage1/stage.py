@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import Pieces, pieces_sum
 from apdkit.stages.config import ConfigError, Stage1Config
 from apdkit.stages.device import resolve_device
@@ -20,7 +21,7 @@ from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
 from apdkit.stages.selection import Gates, piece_masks
 from apdkit.stages.stage1.parallel import Replicas, replicas_from_env
-from apdkit.stages.stage1.train import NonFiniteLoss, new_state, total_steps, train
+from apdkit.stages.stage1.train import DecompositionState, NonFiniteLoss, Sampler, new_state, total_steps, train
 from apdkit.stages.target import Target, ensure_target, load_from_store, load_state_file, matrix_settings, prepare
 from apdkit.stores.run import GROUPINGS, STAGE1, VERIFY, Run, RunStore, check_writable, iter_chunks, writer_lock
 from apdkit.targets.load import TargetRef, build_module
@@ -88,13 +89,7 @@ def _follow(store_path: Path, cfg: Stage1Config, module: nn.Module | None, data:
     target = load_from_store(Run(store_path), module=module, data=data)
     n_pieces, topk = matrix_settings(target, cfg)
     model = target.model.to(device)
-    try:
-        state = new_state(model, cfg, n_pieces, device, target.sample)  # the model's first forward on the device
-    except RuntimeError as err:
-        if device.type == "cpu" or "device" not in str(err):
-            raise
-        raise StageError(f"the model fails on {device}: {str(err).splitlines()[0]}. A tensor made inside its forward "
-                         "must be on the input's device (device=x.device); or add --device cpu") from err
+    state = _new_state(model, cfg, n_pieces, device, target.sample)
     state.load_state_dict(state_dict)
     try:
         train(model, target.sample, cfg, topk, state, device=device, replicas=replicas)
@@ -174,13 +169,7 @@ def _run_locked(store_path: Path, ref: TargetRef, cfg: Stage1Config, module: nn.
             reporter.message(f"warning: {name} has rank {rank} but {n_pieces[name]} pieces: they cannot sum to it "
                              "(faithfulness will fail); give n_pieces >= the rank")
     model = target.model.to(device)
-    try:
-        state = new_state(model, cfg, n_pieces, device, target.sample)  # the model's first forward on the device
-    except RuntimeError as err:
-        if device.type == "cpu" or "device" not in str(err):
-            raise
-        raise StageError(f"the model fails on {device}: {str(err).splitlines()[0]}. A tensor made inside its forward "
-                         "must be on the input's device (device=x.device); or add --device cpu") from err
+    state = _new_state(model, cfg, n_pieces, device, target.sample)
     if checkpoint is not None:
         state.load_state_dict(checkpoint["state"])
         reporter.message(f"resuming stage1 from step {state.step}")
@@ -265,3 +254,16 @@ def write_evaluation(store: RunStore, target: Target, cfg: Stage1Config, topk: d
     if target.has_ground_truth:
         out.update(spec.scores(model, cpu_pieces, topk))
     return out
+
+
+def _new_state(model: DecomposedModel, cfg: Stage1Config, n_pieces: dict[str, int], device: torch.device,
+               sample: Sampler) -> DecompositionState:
+    """new_state, whose sampling is the model's first forward on ``device``: a
+    model that makes a tensor on the CPU inside its forward fails there, in one line."""
+    try:
+        return new_state(model, cfg, n_pieces, device, sample)
+    except RuntimeError as err:
+        if device.type == "cpu" or "device" not in str(err):
+            raise
+        raise StageError(f"the model fails on {device}: {str(err).splitlines()[0]}. A tensor made inside its forward "
+                         "must be on the input's device (device=x.device); or add --device cpu") from err
