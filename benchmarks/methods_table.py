@@ -9,11 +9,11 @@ verify verdicts and time to solution.
 A mode is an attribution method with batch top-k minimality, or `learned`
 (gates; no attribution, no k); each overrides the target's own default. Runs
 that finished before are read back, not rerun (delete <dir>/<mode>/<target>-
-<seed>.zarr to redo one). The wall time of each `apd run` is kept beside its
-store. `--jobs N` runs N cells at once: they share the GPU and the cores, so
-their times are upper bounds, and one run keeps several cores busy, so 2 to 6
-suit a 16-core GPU machine. `--cell-timeout S` stops a cell after S seconds
-and leaves it out of the table.
+<seed>.zarr to redo one). Each `apd run`'s config and wall time are kept
+beside its store. `--jobs N` runs N cells at once: they share the GPU and the
+cores, so their times are upper bounds, and one run keeps several cores busy,
+so 2 to 6 suit a 16-core GPU machine. `--cell-timeout S` stops a cell after S
+seconds and leaves it out of the table.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def run_cell(root: Path, mode: str, target: str, seed: int, timeout: float | Non
     if timing.exists():
         return store
     store.parent.mkdir(parents=True, exist_ok=True)
-    cfg = root / f"{mode}.yaml"
+    cfg = store.with_suffix(".yaml")  # one per cell: cells run at once must not rewrite a file another is reading
     cfg.write_text(mode_config(mode))
     cmd = [sys.executable, "-m", "apdkit.cli", "run", "--model", target, "--seed", str(seed), "--store", str(store),
            "--config", str(cfg), "-q", "--json"]
