@@ -98,6 +98,11 @@ def test_verify_catches_weight_held_by_dead_pieces(grouped_id):
     assert faith["figures"]["rel_error/W"] < 0.02  # the pieces still sum to W
     assert faith["figures"]["set_aside_share/W"] == pytest.approx(expected_share, rel=0.02)
     assert faith["figures"]["set_aside/fraction_of_ablated"] > 0.1
+    # per matrix: the hidden identity has no set-aside pieces, so W's alone make the whole condition
+    assert faith["figures"]["set_aside_share/hidden"] == 0.0
+    assert faith["figures"]["set_aside_effect/hidden"] < 0.01
+    assert faith["figures"]["set_aside_effect/W"] == pytest.approx(faith["figures"]["set_aside/fraction_of_ablated"],
+                                                                   rel=1e-6)
 
 
 def test_verify_catches_cancelling_pieces_in_inactive_mechanisms(grouped_id):

@@ -4,7 +4,8 @@
   target's weights (relative error per matrix; parameters that are not
   decomposed are the target's own), and the pieces set aside as dead do not
   matter: with every mechanism on and them off, the output stays within
-  set_aside_error_max of the target (their share of each matrix is reported);
+  set_aside_error_max of the target (per matrix, their share of its norm and
+  the output error with only that matrix's set-aside pieces off are reported);
 - minimality: on fresh inputs, mechanisms are attributed as wholes, the
   batch top-k of them is kept, and the model run with only those is compared
   with the target, next to the same figures for the stage-1 pieces;
@@ -105,7 +106,7 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
     gen = generator(stage1_cfg.seed, "verify", cfg.seed)
     sums = {"pieces_mse": 0.0, "mech_mse": 0.0, "ablated_mse": 0.0, "all_mech_mse": 0.0,
             "pieces_active": 0.0, "mech_active": 0.0,
-            "stochastic_mse": 0.0, "resample_mse": 0.0}
+            "stochastic_mse": 0.0, "resample_mse": 0.0, **{f"set_aside_mse/{p}": 0.0 for p in pieces}}
     # adversarial search on the first inputs only: per row, worst and typical (stochastic) error, ablated error
     adv = {"worst": [], "typical": [], "ablated": []}
     adv_inputs = 0
@@ -135,6 +136,12 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
         alive_on = {k: m.sum(1).unsqueeze(0).expand(rows, -1) for k, m in membership.items()}
         all_on = model.run(x, pieces_on, alive_on).output
         sums["all_mech_mse"] += float(((all_on - target_out) ** 2).mean()) * rows
+        # one matrix's set-aside pieces off, every other piece on: a share of the norm can mislead (small
+        # pieces can matter, large ones cancel), so each matrix's effect on the output is reported
+        every_on = {k: torch.ones(rows, U.shape[0], device=device) for k, (U, V) in pieces_on.items()}
+        for k in pieces_on:
+            only_k = model.run(x, pieces_on, {**every_on, k: alive_on[k]}).output
+            sums[f"set_aside_mse/{k}"] += float(((only_k - target_out) ** 2).mean()) * rows
         for _ in range(cfg.stochastic_samples):
             stoch_err = mechanism_output_error(model, x, pieces_on, membership, stochastic_masks(mech_mask, gen),
                                                target_out)
@@ -188,6 +195,7 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
                        and avg["all_mech_mse"] / ablated <= cfg.set_aside_error_max),
             "figures": {**{f"rel_error/{p}": e for p, e in faith.items()},
                         **{f"set_aside_share/{p}": e for p, e in unused.items()},
+                        **{f"set_aside_effect/{p}": avg[f"set_aside_mse/{p}"] / ablated for p in unused},
                         "set_aside/fraction_of_ablated": avg["all_mech_mse"] / ablated},
             "threshold": (f"each rel_error <= {cfg.faithfulness_max}; every mechanism on and the set-aside pieces off: "
                           f"fraction_of_ablated <= {cfg.set_aside_error_max}"),
