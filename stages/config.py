@@ -50,6 +50,8 @@ class Stage1Config(BaseModel):
     hidden_coeff: float = Field(0.0, ge=0, description="hidden-activation reconstruction (resid_mlp)")
     stochastic_coeff: float = Field(0.0, ge=0, description="output reconstruction with the inactive pieces at random "
                                     "values in [0, 1] (what verify's stochastic and adversarial checks try)")
+    set_aside_coeff: float = Field(0.0, ge=0, description="output reconstruction with every piece the batch selects "
+                                   "on and the others off (what verify's set-aside condition tries)")
     schatten_p: float = Field(0.9, gt=0, le=2)
     simplicity_final: float = Field(
         0.0, ge=0, le=1,

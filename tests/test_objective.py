@@ -63,3 +63,42 @@ def test_the_stochastic_term_enters_the_total_with_its_coefficient(toy):
     off, on = losses(model, x, 3.0, 0.0), losses(model, x, 3.0, 10.0)
     assert float(off["stochastic"]) == 0.0  # not computed when its coefficient is 0
     assert float(on["total"] - off["total"]) == pytest.approx(10.0 * float(on["stochastic"]), rel=1e-6)
+
+
+def split_with_idle_piece(W: torch.Tensor, shift: float):
+    """W's two singular pieces, shift * u0 v0^T moved out of the first into a third piece."""
+    u, s, vh = torch.linalg.svd(W, full_matrices=False)
+    U = torch.stack([(s[0] - shift) * u[:, 0], s[1] * u[:, 1], shift * u[:, 0]])
+    V = torch.stack([vh[0], vh[1], vh[0]])
+    return U, V
+
+
+def test_the_set_aside_term_switches_on_what_the_batch_selects_and_nothing_else(toy):
+    """Rows select piece 0 or piece 1 in turn and never piece 2. The term runs
+    every row with pieces 0 and 1 on: zero when piece 2 is empty, and exactly
+    the error of the model with W - shift u0 v0^T when it is not."""
+    model, x = toy
+    weights = model.weights()
+    (name, W), = weights.items()
+    rows = x.shape[0]
+    turn = torch.zeros(rows, 3)
+    turn[0::2, 0] = 1.0
+    turn[1::2, 1] = 1.0
+    by_turn = lambda scores, topk: {name: turn}  # noqa: E731
+
+    def run(shift, coeff):
+        U, V = split_with_idle_piece(W, shift)
+        return objective(model, x, weights, {name: U}, {name: V}, {name: 1.0},
+                         dict(COEFFS, set_aside=coeff), 1.0, 1.0, select=by_turn)
+
+    exact, off = run(0.0, 1.0), run(0.5, 0.0)
+    assert float(exact["set_aside"]) == pytest.approx(0.0, abs=1e-10)
+    assert float(exact["minimality"]) > 1e-3  # each row lacks one of W's pieces: the term is not minimality
+    assert float(off["set_aside"]) == 0.0  # not computed when its coefficient is 0
+    shifted = run(0.5, 2.0)
+    U, V = split_with_idle_piece(W, 0.5)
+    without_idle = model.run(x, {name: (U, V)}, {name: torch.tensor([1.0, 1.0, 0.0]).expand(rows, 3)}).output
+    expected = torch.nn.functional.mse_loss(without_idle, model.forward(x).output)
+    assert float(expected) > 1e-4
+    assert float(shifted["set_aside"]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(shifted["total"] - off["total"]) == pytest.approx(2.0 * float(expected), rel=1e-5)

@@ -17,7 +17,7 @@ from apdkit.core.gates import gate_from_logits, gate_logits, open_identities, pi
 from apdkit.core.masks import topk_masks
 from apdkit.core.model import DecomposedModel
 
-LOSS_NAMES = ("total", "faithfulness", "minimality", "hidden", "simplicity", "stochastic", "importance")
+LOSS_NAMES = ("total", "faithfulness", "minimality", "hidden", "simplicity", "stochastic", "set_aside", "importance")
 
 
 def faithfulness_loss(weights: Mapping[str, Tensor], U: Mapping[str, Tensor], V: Mapping[str, Tensor]) -> Tensor:
@@ -34,7 +34,8 @@ def objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], 
               low_precision: torch.dtype | None = None, attribution: str = "gradient", integration_steps: int = 8,
               ) -> dict[str, Tensor]:
     """All loss terms for one batch. ``coeffs`` has faithfulness, minimality,
-    hidden and simplicity weights. ``select`` turns attributions into masks
+    hidden and simplicity weights, and optionally stochastic and set_aside
+    (terms with weight 0 are not computed). ``select`` turns attributions into masks
     (batch top-k; data-parallel replicas take it over the global batch).
     ``low_precision`` (e.g. bfloat16) autocasts the attributions and the
     masked forward pass; faithfulness, simplicity and the losses' sums stay
@@ -56,6 +57,13 @@ def objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], 
             noisy = stochastic_piece_masks({n: m.to(x.dtype) for n, m in masks.items()}, gen)
             out = model.run(x, {n: (U[n], V[n]) for n in U}, noisy).output
             stochastic = torch.nn.functional.mse_loss(out.float(), target.output.float())
+        set_aside = torch.zeros((), device=x.device)
+        if coeffs.get("set_aside", 0.0) > 0:
+            # every piece the batch selects on, the others off: the weight no input uses must be inert (verify's
+            # set-aside condition, with the batch, or a data-parallel replica's rows, standing in for the data)
+            used = {n: m.amax(0, keepdim=True).expand_as(m).to(x.dtype) for n, m in masks.items()}
+            out = model.run(x, {n: (U[n], V[n]) for n in U}, used).output
+            set_aside = torch.nn.functional.mse_loss(out.float(), target.output.float())
     minimality = torch.nn.functional.mse_loss(fwd.output.float(), target.output.float())
     hidden = sum((torch.nn.functional.mse_loss(fwd.hidden[h].float(), target.hidden[h].float())
                   for h in target.hidden), torch.zeros((), device=x.device))
@@ -64,9 +72,11 @@ def objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], 
     simplicity = sum((masks[n].sum(0).to(x.dtype) * U[n].norm(dim=1).pow(schatten_p)).sum() for n in U) \
         / (n_weights * rows)
     total = (coeffs["faithfulness"] * faith + coeffs["minimality"] * minimality + coeffs["hidden"] * hidden
-             + coeffs["simplicity"] * simplicity_weight * simplicity + coeffs.get("stochastic", 0.0) * stochastic)
+             + coeffs["simplicity"] * simplicity_weight * simplicity + coeffs.get("stochastic", 0.0) * stochastic
+             + coeffs.get("set_aside", 0.0) * set_aside)
     return {"total": total, "faithfulness": faith, "minimality": minimality, "hidden": hidden,
-            "simplicity": simplicity, "stochastic": stochastic, "importance": torch.zeros((), device=x.device)}
+            "simplicity": simplicity, "stochastic": stochastic, "set_aside": set_aside,
+            "importance": torch.zeros((), device=x.device)}
 
 
 def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], U: Mapping[str, Tensor],
@@ -104,4 +114,4 @@ def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, T
              + coeffs["importance"] * importance)
     zero = torch.zeros((), device=x.device)
     return {"total": total, "faithfulness": faith, "minimality": minimality, "hidden": hidden,
-            "simplicity": zero, "stochastic": zero, "importance": importance}
+            "simplicity": zero, "stochastic": zero, "set_aside": zero, "importance": importance}

@@ -135,6 +135,7 @@ def simplicity_weight_at(cfg: Stage1Config, step: int) -> float:
 def coefficients(cfg: Stage1Config) -> dict[str, float]:
     return {"faithfulness": cfg.faithfulness_coeff, "minimality": cfg.minimality_coeff,
             "hidden": cfg.hidden_coeff, "simplicity": cfg.simplicity_coeff, "stochastic": cfg.stochastic_coeff,
+            "set_aside": cfg.set_aside_coeff,
             "importance": cfg.importance_coeff, "learned_faithfulness": cfg.learned_faithfulness_coeff}
 
 
