@@ -138,8 +138,15 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
         sums["all_mech_mse"] += float(((all_on - target_out) ** 2).mean()) * rows
         # one matrix's set-aside pieces off, every other piece on: a share of the norm can mislead (small
         # pieces can matter, large ones cancel), so each matrix's effect on the output is reported
+        # (a matrix with no set-aside pieces gives the every-piece-on error, run once for all of them)
         every_on = {k: torch.ones(rows, U.shape[0], device=device) for k, (U, V) in pieces_on.items()}
+        none_set_aside = [k for k in pieces_on if bool(alive_on[k].all())]
+        if none_set_aside:
+            every_err = float(((model.run(x, pieces_on, every_on).output - target_out) ** 2).mean()) * rows
         for k in pieces_on:
+            if k in none_set_aside:
+                sums[f"set_aside_mse/{k}"] += every_err
+                continue
             only_k = model.run(x, pieces_on, {**every_on, k: alive_on[k]}).output
             sums[f"set_aside_mse/{k}"] += float(((only_k - target_out) ** 2).mean()) * rows
         for _ in range(cfg.stochastic_samples):
