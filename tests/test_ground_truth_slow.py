@@ -47,6 +47,14 @@ def test_resid_mlp_run_passes_every_verify_check(tmp_path):
     assert verification["passed"], {c: v["figures"] for c, v in verification["checks"].items() if not v["passed"]}
 
 
+def test_resid_mlp3_run_passes_verify_with_every_feature_dedicated_and_none_merged(tmp_path):
+    run = run_all(tmp_path, "resid_mlp3")
+    verification = run.verification("spectral")
+    assert verification["passed"], {c: v["figures"] for c, v in verification["checks"].items() if not v["passed"]}
+    assert run.scores()["resid/dedicated_features"] >= 98
+    assert run.grouping_info("spectral")["scores"]["merged_features"] == 0
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_induction_pieces_reproduce_both_functions(tmp_path, seed):
     scores = run_all(tmp_path, "induction", "--seed", seed, "--method", "mdl").scores()

@@ -1,4 +1,7 @@
+import numpy as np
 import torch
+
+from apdkit.targets.registry import TARGETS
 
 from apdkit.targets.probes import dedicated_pieces
 from apdkit.targets.tms.scoring import feature_recovery
@@ -53,3 +56,37 @@ def test_toy_criteria_flag_a_missed_feature_and_an_unsummed_identity():
     resid = TARGETS["resid_mlp3"]
     assert missed_criteria({"resid/dedicated_features": 97.0}, resid.criteria, resid.criteria_max) == [
         "resid/dedicated_features = 97 misses its criterion >= 98"]
+
+
+def test_deep_resid_targets_keep_w_out_whole_for_every_input():
+    # resid_mlp3's default: W_out as d_mlp pieces, every one in the top-k of every input that
+    # reaches W_out (and so in the ground truth's one mechanism every input uses); W_in keeps
+    # 130 pieces at 0.5 per input
+    from apdkit.stages.config import resolve_stage1
+    from apdkit.stages.stage1.train import new_state
+    from apdkit.stages.target import Target, matrix_settings
+    from apdkit.targets.load import TargetRef, decomposed_model
+    from apdkit.targets.probes import feature_truth_labels
+    from apdkit.core.masks import score_inputs
+    from tests.helpers import made_target
+
+    spec = TARGETS["resid_mlp3"]
+    module = made_target("resid_mlp3", 0)
+    model = decomposed_model(TargetRef("resid_mlp3", modules=spec.modules, hidden=spec.hidden), module)
+    cfg = resolve_stage1(spec.stage1, batch_size=64)
+    sample = lambda b, g: spec.sample(module, b, g)  # noqa: E731
+    n_pieces, topk = matrix_settings(Target(TargetRef("resid_mlp3"), module, model, sample), cfg)
+    assert n_pieces == {f"layers.{i}.{m}": (130 if m == "W_in" else 17) for i in range(3) for m in ("W_in", "W_out")}
+    state = new_state(model, cfg, n_pieces, torch.device("cpu"), sample)
+    pieces = {n: (state.U[n].detach(), state.V_raw[n].detach()) for n in n_pieces}
+    x = sample(64, torch.Generator().manual_seed(1))
+    scores, masks = score_inputs(model, x, pieces, topk, block=64)
+    for i in range(3):
+        # every W_out piece that acts on an input is kept (a zero attribution never is)
+        w_out = f"layers.{i}.W_out"
+        assert torch.equal(masks[w_out], scores[w_out] > 0) and float(masks[w_out].float().mean()) > 0.3
+        assert int(masks[f"layers.{i}.W_in"].sum()) <= 32  # 0.5 per input
+    names = list(n_pieces)
+    labels = feature_truth_labels(model, 102, pieces, topk, names, list(range(102)))
+    w_out = np.concatenate([np.full(n_pieces[n], n.endswith("W_out")) for n in names])
+    assert set(labels[w_out]) == {102}  # the shared mechanism
