@@ -47,10 +47,13 @@ TARGETS: dict[str, TargetSpec] = {
         tms.spec("tms_40-10", 40, 10, False, 2048, 10000, dict(_TMS_LARGE, n_pieces=60, topk=1.0, minimality="learned")),
         tms.spec("tms_5-2-id", 5, 2, True, 1024, 5000,
                  dict(_TMS_SMALL, n_pieces=10, topk={"W": 0.211, "hidden": 2.0})),
-        # learned gates: top-k missed the identity (relative error 0.26, MMCS 0.89; with faithfulness_coeff 100
-        # the identity sums, 4e-4, but MMCS stays 0.90); learned meets both criteria (RESULTS.md)
+        # top-k with the hidden identity whole (10 pieces, all kept) and the stochastic term: MMCS 1.000, the
+        # identity within 0.003 and an exact grouping on 3 of 3 seeds; learned gates met MMCS and the identity
+        # but grew the W pieces 1.8x and grouped nothing (ARI 0.01). Verify still fails the set-aside
+        # condition (0.14 against 0.1; RESULTS.md, "The hidden identity whole")
         tms.spec("tms_40-10-id", 40, 10, True, 2048, 10000,
-                 dict(_TMS_LARGE, n_pieces=60, topk={"W": 1.0, "hidden": 10.0}, minimality="learned")),
+                 dict(_TMS_LARGE, n_pieces={"W": 60, "hidden": 10}, topk={"W": 1.0, "hidden": 10.0},
+                      stochastic_coeff=10.0, faithfulness_coeff=100.0)),
         tms.spec("tms_6-3-synced", 6, 3, False, 1024, 5000, dict(_TMS_SMALL, n_pieces=12, topk=0.3),
                  synced_features=(0, 1)),
         resid_mlp.spec("resid_mlp", 100, 50, 1, 3000, dict(_RESID, simplicity_coeff=10.0), whole_w_out=True),
