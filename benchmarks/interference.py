@@ -5,7 +5,8 @@ neurons than features writes a little into every feature's output direction
 reproduce it too. For each finished run, on fresh inputs, with the grouping's
 set-aside pieces off (every mechanism on), and with every piece off (ablated):
 the MSE over the output coordinates of features that are on, and over those
-that are off, as fractions of the ablated MSE.
+that are off, as fractions of the ablated MSE. Any target whose output has
+one coordinate per input feature will do (the TMS targets too).
 
     python benchmarks/interference.py runs/resid_mlp2.zarr [more stores] [--grouping spectral]
 """

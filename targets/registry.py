@@ -12,8 +12,7 @@ _TMS_LARGE = dict(steps=5000, batch_size=2048, lr=1e-2, warmup=0.05, minimality_
                   simplicity_coeff=20.0, schatten_p=0.9)
 # stochastic term: top-k alone left 29% of resid_mlp's output on pieces no input selects, so verify's set-aside
 # and adversarial checks failed; random masks on the inactive pieces make them inert (set-aside 0.29 -> 0.016)
-# and faithfulness 100 keeps the sum within 2% (at 10 it drifted to 6%); resid_mlp then passes verify on 5 of 5
-# seeds, resid_mlp2/3 still fail but far less (RESULTS.md, "The stochastic term")
+# and faithfulness 100 keeps the sum within 2% (at 10 it drifted to 6%) (RESULTS.md, "The stochastic term")
 _RESID = dict(n_pieces=130, topk=0.5, steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
               faithfulness_coeff=100.0, stochastic_coeff=10.0, hidden_coeff=1.0, schatten_p=0.9)
 # whole W_out (targets/resid_mlp: whole_w_out): with per-feature W_out pieces, the ones no input selected carried

@@ -1,10 +1,16 @@
 import numpy as np
 import torch
 
+from apdkit.core.masks import score_inputs
+from apdkit.stages.config import resolve_stage1
+from apdkit.stages.stage1.train import new_state
+from apdkit.stages.target import Target, matrix_settings
+from apdkit.targets.load import TargetRef, decomposed_model
+from apdkit.targets.probes import dedicated_pieces, feature_truth_labels
 from apdkit.targets.registry import TARGETS
-
-from apdkit.targets.probes import dedicated_pieces
+from apdkit.targets.spec import missed_criteria
 from apdkit.targets.tms.scoring import feature_recovery
+from tests.helpers import made_target
 
 
 def test_ground_truth_pieces_score_perfectly():
@@ -39,8 +45,6 @@ def test_dedicated_pieces_on_hand_made_mask():
 
 
 def test_toy_criteria_flag_a_missed_feature_and_an_unsummed_identity():
-    from apdkit.targets.registry import TARGETS
-    from apdkit.targets.spec import missed_criteria
 
     tms = TARGETS["tms_40-10-id"]
     bad = {"tms/mmcs": 0.8949, "faithfulness_rel_error/hidden": 0.2623}  # tms_40-10-id, seed 0, top-k
@@ -58,18 +62,10 @@ def test_toy_criteria_flag_a_missed_feature_and_an_unsummed_identity():
         "resid/dedicated_features = 97 misses its criterion >= 98"]
 
 
-def test_deep_resid_targets_keep_w_out_whole_for_every_input():
+def test_resid_targets_keep_w_out_whole_on_every_input_it_acts_on():
     # resid_mlp3's default: W_out as d_mlp pieces, every one in the top-k of every input that
     # reaches W_out (and so in the ground truth's one mechanism every input uses); W_in keeps
     # 130 pieces at 0.5 per input
-    from apdkit.stages.config import resolve_stage1
-    from apdkit.stages.stage1.train import new_state
-    from apdkit.stages.target import Target, matrix_settings
-    from apdkit.targets.load import TargetRef, decomposed_model
-    from apdkit.targets.probes import feature_truth_labels
-    from apdkit.core.masks import score_inputs
-    from tests.helpers import made_target
-
     spec = TARGETS["resid_mlp3"]
     module = made_target("resid_mlp3", 0)
     model = decomposed_model(TargetRef("resid_mlp3", modules=spec.modules, hidden=spec.hidden), module)

@@ -9,9 +9,10 @@ from apdkit.targets.spec import TargetSpec
 
 def spec(name: str, n: int, d_mlp: int, layers: int, steps: int, stage1: dict,
          whole_w_out: bool = False) -> TargetSpec:
-    """``whole_w_out``: each W_out as d_mlp pieces, all active on every input
-    (W_out used whole by every input: SPD's answer for it); W_in keeps the
-    ``n_pieces`` and ``topk`` of ``stage1``."""
+    """``whole_w_out``: each W_out as d_mlp pieces with top-k d_mlp, so every
+    piece that acts on an input is kept and every input uses the whole matrix
+    (SPD's answer for W_out); W_in keeps the ``n_pieces`` and ``topk`` of
+    ``stage1``."""
     if whole_w_out:
         def per_matrix(w_in, w_out):
             return {f"layers.{i}.{m}": v for i in range(layers) for m, v in (("W_in", w_in), ("W_out", w_out))}
