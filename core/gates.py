@@ -77,9 +77,11 @@ def open_identities(model: DecomposedModel, g: Mapping[str, Tensor]) -> dict[str
 
 def gates_of(model: DecomposedModel, x: Tensor, pieces: Pieces,
              gates: Mapping[str, Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], Forward]:
-    """({matrix: (rows, C) gates}, the target's forward pass)."""
+    """({matrix: (rows, C) gates}, the target's forward pass). A matrix with
+    no gate parameters is kept whole: its gates are 1."""
     inner, fwd = piece_inputs(model, x, pieces)
-    return open_identities(model, {n: gate_values(gates[n], inner[n]) for n in pieces}), fwd
+    return open_identities(model, {n: gate_values(gates[n], inner[n]) if n in gates else torch.ones_like(inner[n])
+                                   for n in pieces}), fwd
 
 
 def stochastic_piece_masks(g: Mapping[str, Tensor], gen: torch.Generator | None) -> dict[str, Tensor]:

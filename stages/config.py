@@ -5,6 +5,7 @@ generic < per-target < YAML file < command-line flags."""
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,10 @@ class Stage1Config(BaseModel):
     n_pieces: int | dict[str, int] = Field(64, description="rank-1 pieces per matrix (C), one value or per matrix name")
     topk: PerMatrix = Field(1.0, description="batch top-k: mean active pieces per input, per matrix "
                             "(minimality topk only)")
+    whole: list[str] = Field(
+        default_factory=list, description="name patterns (fnmatch) of matrices kept whole: min(d_out, d_in) pieces, "
+        "every one kept on every input it acts on (top-k) or with its gate fixed at 1 (learned); n_pieces and topk do "
+        "not apply to them")
     minimality: Literal["topk", "learned"] = Field(
         "topk", description="which pieces must reproduce the output: topk (APD: the batch top-k by attribution) or "
         "learned (a gate per piece, trained with stochastic masks and an importance penalty; no k)")
@@ -103,8 +108,8 @@ class Stage1Config(BaseModel):
 
     def per_matrix(self, field: str, names: list[str], fixed: dict[str, float] | None = None) -> dict[str, float]:
         """{matrix: value} of ``n_pieces`` or ``topk``. ``fixed`` gives values
-        for matrices a one-value setting does not cover (inserted identities:
-        as many pieces as dimensions, all active)."""
+        that override the setting (matrices kept whole, inserted identities:
+        as many pieces as the rank allows, all active)."""
         value = getattr(self, field)
         fixed = fixed or {}
         if isinstance(value, dict):
@@ -113,8 +118,15 @@ class Stage1Config(BaseModel):
             if unknown or missing:
                 raise ConfigError(f"config {field} must name the decomposed matrices {names}; "
                                   f"unknown {sorted(unknown)}, missing {sorted(missing)}")
-            return {n: value.get(n, fixed.get(n)) for n in names}
+            return {n: fixed.get(n, value.get(n)) for n in names}
         return {n: fixed.get(n, value) for n in names}
+
+    def whole_matrices(self, names: list[str]) -> list[str]:
+        """The matrices of ``names`` that ``whole`` names, in order."""
+        unmatched = [p for p in self.whole if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise ConfigError(f"config whole: {unmatched} match no decomposed matrix of {names}")
+        return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.whole)]
 
 
 GROUPING_METHODS = ("spectral", "louvain", "leiden", "mdl", "threshold", "auto")

@@ -170,10 +170,12 @@ def load_from_store(run: Run, module: nn.Module | None = None, data: Any = None)
 
 
 def matrix_settings(target: Target, cfg: Stage1Config) -> tuple[dict[str, int], dict[str, float]]:
-    """Pieces and top-k per matrix. An inserted identity gets one piece per
-    dimension, all active (its known answer is one full-rank mechanism)."""
+    """Pieces and top-k per matrix. A matrix kept whole (``cfg.whole``) and an
+    inserted identity get min(d_out, d_in) pieces, all active (an identity's
+    known answer is one full-rank mechanism)."""
     names = target.model.names
-    fixed = {n: float(target.model.matrices[n].shape[0]) for n in target.model.identities}
+    whole = [*cfg.whole_matrices(names), *target.model.identities]
+    fixed = {n: float(min(target.model.matrices[n].shape)) for n in whole}
     n_pieces = {n: int(v) for n, v in cfg.per_matrix("n_pieces", names, fixed).items()}
     return n_pieces, cfg.per_matrix("topk", names, fixed)
 

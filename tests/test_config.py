@@ -47,6 +47,19 @@ def test_per_matrix_values_must_name_the_decomposed_matrices():
         {"a": 0.5, "b.identity": 4.0}
 
 
+def test_whole_names_matrices_by_pattern_and_overrides_their_pieces_and_k():
+    cfg = Stage1Config(n_pieces={"layers.0.W_in": 130, "layers.0.W_out": 7}, topk=0.5, whole=["layers.*.W_out"])
+    names = ["layers.0.W_in", "layers.0.W_out", "layers.1.W_in", "layers.1.W_out"]
+    assert cfg.whole_matrices(names) == ["layers.0.W_out", "layers.1.W_out"]
+    fixed = {"layers.0.W_out": 25.0, "layers.1.W_out": 25.0}
+    assert cfg.per_matrix("topk", names, fixed) == {"layers.0.W_in": 0.5, "layers.0.W_out": 25.0,
+                                                     "layers.1.W_in": 0.5, "layers.1.W_out": 25.0}
+    with pytest.raises(ConfigError, match="missing \\['layers.1.W_in'\\]"):
+        cfg.per_matrix("n_pieces", names, fixed)  # a matrix neither named nor whole
+    with pytest.raises(ConfigError, match="whole: \\['W_typo'\\] match no decomposed matrix"):
+        Stage1Config(whole=["W_typo"]).whole_matrices(names)
+
+
 def test_every_target_has_valid_defaults():
     from apdkit.targets.load import TargetRef, decomposed_model
 

@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 from apdkit import open_run
 from apdkit.cli.main import app
-from apdkit.core.gates import LEAK, gate_from_logits, gates_of, init_gates, stochastic_piece_masks
+from apdkit.core.gates import (LEAK, gate_from_logits, gate_logits, gates_of, init_gates, piece_inputs,
+                                stochastic_piece_masks)
 from apdkit.core.model import DecomposedModel
 from apdkit.stages.config import resolve_stage1
 from apdkit.stages.stage1.train import new_state, train
@@ -44,6 +45,30 @@ def test_gates_read_each_pieces_input_side_scalar():
 
     assert torch.allclose(g["0"], gate_values(params, x @ V.T))
     assert g["0"].shape == (2, 3)
+
+
+def test_a_matrix_kept_whole_has_no_gates_and_every_gate_at_one():
+    """tms_40-10-id with ``whole: [hidden]`` in the learned mode: the hidden
+    identity gets 10 pieces and no gate parameters, its gates are 1 on every
+    row (W's are not), and its pieces pay no importance penalty."""
+    from apdkit.stages.stage1.objective import learned_objective
+    from apdkit.stages.stage1.train import coefficients
+
+    target = builtin_target("tms_40-10-id")
+    cfg = resolve_stage1(TARGETS["tms_40-10-id"].stage1, None, minimality="learned", batch_size=64)
+    n_pieces, _ = matrix_settings(target, cfg)
+    assert n_pieces == {"W": 60, "hidden": 10}
+    state = new_state(target.model, cfg, n_pieces, torch.device("cpu"), target.sample)
+    assert set(state.gates) == {"W"}
+    x = target.sample(64, torch.Generator().manual_seed(0))
+    g, _ = gates_of(target.model, x, state.pieces(), state.gate_params())
+    assert torch.equal(g["hidden"], torch.ones(64, 10)) and not torch.equal(g["W"], torch.ones(64, 60))
+    weights = target.model.weights()
+    V = {n: v / v.norm(dim=1, keepdim=True) for n, v in state.V_raw.items()}
+    losses = learned_objective(target.model, x, weights, state.U, V, state.gates, coefficients(cfg), cfg.importance_p)
+    inner, _ = piece_inputs(target.model, x, state.pieces())
+    z_w = gate_logits(state.gate_params()["W"], inner["W"])
+    assert torch.allclose(losses["importance"].detach(), z_w.relu().pow(cfg.importance_p).sum(1).mean())  # W's alone
 
 
 def _learned(steps: int, **extra):

@@ -89,16 +89,18 @@ def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, T
     |W - sum of pieces|^2 / |W|^2 over all matrices; ``minimality`` the
     output MSE with every piece masked at g + (1 - g) u, as a fraction of the
     MSE with every decomposed matrix ablated; ``importance`` the mean over
-    inputs and matrices of sum_c relu(z_c)^p (an inserted identity has no
-    penalty: its gates are 1, core/gates.py). No simplicity term (the pieces
+    inputs and matrices of sum_c relu(z_c)^p (an inserted identity and a
+    matrix kept whole have no penalty: their gates are 1, core/gates.py). No simplicity term (the pieces
     are rank 1). ``coeffs``: learned_faithfulness, hidden, importance."""
     n_weights = sum(w.numel() for w in weights.values())
     faith = faithfulness_loss(weights, U, V) * n_weights / sum((w ** 2).sum() for w in weights.values())
     live = {n: (U[n], V[n]) for n in U}
     with torch.autocast(x.device.type, dtype=low_precision or torch.bfloat16, enabled=low_precision is not None):
         inner, target = piece_inputs(model, x, live)
-        z = {n: gate_logits(gates[n], inner[n].detach().float()) for n in U}  # gates decide; they do not shape pieces
-        g = open_identities(model, {n: gate_from_logits(v) for n, v in z.items()})
+        # gates decide; they do not shape pieces. A matrix with no gates is kept whole: its gates are 1
+        z = {n: gate_logits(gates[n], inner[n].detach().float()) for n in U if n in gates}
+        g = open_identities(model, {n: gate_from_logits(z[n]) if n in z else torch.ones_like(inner[n].float())
+                                    for n in U})
         fwd = model.run(x, live, {n: m.to(x.dtype) for n, m in stochastic_piece_masks(g, gen).items()},
                         hidden=bool(target.hidden))
         with torch.no_grad():

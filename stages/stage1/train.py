@@ -101,11 +101,12 @@ def new_state(model: DecomposedModel, cfg: Stage1Config, n_pieces: dict[str, int
         U[name] = torch.nn.Parameter(u.to(device))
         V[name] = torch.nn.Parameter(v.to(device))
     gates = {}
-    if cfg.minimality == "learned":
+    if cfg.minimality == "learned":  # a matrix kept whole has no gates: every one is 1 (core/gates.py)
         gate_gen = generator(cfg.seed, "gates")
+        whole = cfg.whole_matrices(list(U))
         gates = {n: {k: torch.nn.Parameter(t.to(device)) for k, t in init_gates(n_pieces[n], cfg.gate_hidden,
                                                                                 gate_gen).items()}
-                 for n in U}
+                 for n in U if n not in whole}
     state = DecompositionState(U, V, None, generator(cfg.seed, "data"), gates=gates)
     state.optimizer = torch.optim.Adam(state.parameters(), lr=cfg.lr)
     return state

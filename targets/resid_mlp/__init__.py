@@ -7,17 +7,7 @@ from apdkit.targets.resid_mlp import figures, model, scoring
 from apdkit.targets.spec import TargetSpec
 
 
-def spec(name: str, n: int, d_mlp: int, layers: int, steps: int, stage1: dict,
-         whole_w_out: bool = False) -> TargetSpec:
-    """``whole_w_out``: each W_out as d_mlp pieces with top-k d_mlp, so every
-    piece that acts on an input is kept and every input uses the whole matrix
-    (SPD's answer for W_out); W_in keeps the ``n_pieces`` and ``topk`` of
-    ``stage1``."""
-    if whole_w_out:
-        def per_matrix(w_in, w_out):
-            return {f"layers.{i}.{m}": v for i in range(layers) for m, v in (("W_in", w_in), ("W_out", w_out))}
-        stage1 = dict(stage1, n_pieces=per_matrix(stage1["n_pieces"], d_mlp),
-                      topk=per_matrix(stage1["topk"], float(d_mlp)))
+def spec(name: str, n: int, d_mlp: int, layers: int, steps: int, stage1: dict) -> TargetSpec:
     return TargetSpec(
         name=name, build=model.build,
         arch={"n_features": n, "d_embed": 1000, "d_mlp": d_mlp, "n_layers": layers},
