@@ -90,8 +90,9 @@ def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, T
     output MSE with every piece masked at g + (1 - g) u, as a fraction of the
     MSE with every decomposed matrix ablated; ``importance`` the mean over
     inputs and matrices of sum_c relu(z_c)^p (an inserted identity and a
-    matrix kept whole have no penalty: their gates are 1, core/gates.py). No simplicity term (the pieces
-    are rank 1). ``coeffs``: learned_faithfulness, hidden, importance."""
+    matrix kept whole have no penalty: their gates are 1, core/gates.py).
+    No simplicity term (the pieces are rank 1). ``coeffs``:
+    learned_faithfulness, hidden, importance."""
     n_weights = sum(w.numel() for w in weights.values())
     faith = faithfulness_loss(weights, U, V) * n_weights / sum((w ** 2).sum() for w in weights.values())
     live = {n: (U[n], V[n]) for n in U}
