@@ -33,8 +33,9 @@ class Stage1Config(BaseModel):
     minimality: Literal["topk", "learned"] = Field(
         "topk", description="which pieces must reproduce the output: topk (APD: the batch top-k by attribution) or "
         "learned (a gate per piece, trained with stochastic masks and an importance penalty; no k)")
-    importance_coeff: float = Field(0.1, ge=0, description="learned: weight of the gates' penalty, per important piece "
-                                    "per matrix and input, against the output error as a fraction of the ablated one")
+    importance_coeff: float = Field(1.0, ge=0, description="learned: weight of the gates' penalty: the important "
+                                    "pieces per matrix and input, over the matrix's rank, against the output error as a "
+                                    "fraction of the ablated one")
     importance_p: float = Field(1.0, gt=0, le=2, description="learned: the penalty is the sum of relu(z)^p, z a gate's "
                                 "pre-activation")
     learned_faithfulness_coeff: float = Field(100.0, gt=0, description="learned: weight of |W - sum of pieces|^2 / "

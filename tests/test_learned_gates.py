@@ -50,7 +50,8 @@ def test_gates_read_each_pieces_input_side_scalar():
 def test_a_matrix_kept_whole_has_no_gates_and_every_gate_at_one():
     """tms_40-10-id with ``whole: [hidden]`` in the learned mode: the hidden
     identity gets 10 pieces and no gate parameters, its gates are 1 on every
-    row (W's are not), and its pieces pay no importance penalty."""
+    row (W's are not), and its pieces pay no importance penalty; W's penalty
+    is over its rank."""
     from apdkit.stages.stage1.objective import learned_objective
     from apdkit.stages.stage1.train import coefficients
 
@@ -68,7 +69,8 @@ def test_a_matrix_kept_whole_has_no_gates_and_every_gate_at_one():
     losses = learned_objective(target.model, x, weights, state.U, V, state.gates, coefficients(cfg), cfg.importance_p)
     inner, _ = piece_inputs(target.model, x, state.pieces())
     z_w = gate_logits(state.gate_params()["W"], inner["W"])
-    assert torch.allclose(losses["importance"].detach(), z_w.relu().pow(cfg.importance_p).sum(1).mean())  # W's alone
+    # W's alone, over W's rank (10 x 40: 10)
+    assert torch.allclose(losses["importance"].detach(), z_w.relu().pow(cfg.importance_p).sum(1).mean() / 10)
 
 
 def _learned(steps: int, **extra):

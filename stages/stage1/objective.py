@@ -89,8 +89,9 @@ def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, T
     |W - sum of pieces|^2 / |W|^2 over all matrices; ``minimality`` the
     output MSE with every piece masked at g + (1 - g) u, as a fraction of the
     MSE with every decomposed matrix ablated; ``importance`` the mean over
-    inputs and matrices of sum_c relu(z_c)^p (an inserted identity and a
-    matrix kept whole have no penalty: their gates are 1, core/gates.py).
+    inputs and matrices of sum_c relu(z_c)^p / min(d_out, d_in) (an inserted
+    identity and a matrix kept whole have no penalty: their gates are 1,
+    core/gates.py).
     No simplicity term (the pieces are rank 1). ``coeffs``:
     learned_faithfulness, hidden, importance."""
     n_weights = sum(w.numel() for w in weights.values())
@@ -110,8 +111,10 @@ def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, T
     minimality = torch.nn.functional.mse_loss(fwd.output.float(), target.output.float()) / ablated_mse
     hidden = sum((torch.nn.functional.mse_loss(fwd.hidden[h].float(), target.hidden[h].float())
                   for h in target.hidden), torch.zeros((), device=x.device))
-    gated = [v for n, v in z.items() if n not in model.identities]
-    importance = sum((v.relu().pow(importance_p).sum(1).mean() for v in gated),
+    # per matrix, divided by its rank: a coefficient of 1 prices a row that opens as many pieces as the
+    # matrix has rank like the ablated output error, whatever the matrix's size (RESULTS.md, "Importance per rank")
+    gated = [(v, min(weights[n].shape)) for n, v in z.items() if n not in model.identities]
+    importance = sum((v.relu().pow(importance_p).sum(1).mean() / rank for v, rank in gated),
                      torch.zeros((), device=x.device)) / max(len(gated), 1)
     total = (coeffs["learned_faithfulness"] * faith + minimality + coeffs["hidden"] * hidden
              + coeffs["importance"] * importance)
