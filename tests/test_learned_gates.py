@@ -73,6 +73,29 @@ def test_a_matrix_kept_whole_has_no_gates_and_every_gate_at_one():
     assert torch.allclose(losses["importance"].detach(), z_w.relu().pow(cfg.importance_p).sum(1).mean() / 10)
 
 
+def test_the_importance_penalty_is_per_unit_of_rank():
+    """resid_mlp2's learned penalty: each gated matrix's sum of relu(z)^p
+    over its rank (W_in is 25 x 1000: 25), averaged over the gated matrices
+    (W_out, kept whole, has none)."""
+    from apdkit.stages.stage1.objective import learned_objective
+    from apdkit.stages.stage1.train import coefficients
+
+    target = builtin_target("resid_mlp2")
+    cfg = resolve_stage1(TARGETS["resid_mlp2"].stage1, None, minimality="learned", batch_size=32)
+    n_pieces, _ = matrix_settings(target, cfg)
+    state = new_state(target.model, cfg, n_pieces, torch.device("cpu"), target.sample)
+    assert set(state.gates) == {"layers.0.W_in", "layers.1.W_in"}
+    x = target.sample(32, torch.Generator().manual_seed(0))
+    weights = target.model.weights()
+    assert [min(weights[n].shape) for n in state.gates] == [25, 25]
+    V = {n: v / v.norm(dim=1, keepdim=True) for n, v in state.V_raw.items()}
+    losses = learned_objective(target.model, x, weights, state.U, V, state.gates, coefficients(cfg), cfg.importance_p)
+    inner, _ = piece_inputs(target.model, x, state.pieces())
+    sums = [gate_logits(state.gate_params()[n], inner[n]).relu().pow(cfg.importance_p).sum(1).mean()
+            for n in state.gates]
+    assert torch.allclose(losses["importance"].detach(), (sums[0] + sums[1]) / 25 / 2)
+
+
 def _learned(steps: int, **extra):
     target = builtin_target("tms_5-2")
     cfg = resolve_stage1(TARGETS["tms_5-2"].stage1, None, steps=steps, warm_start_steps=5, log_every=5,
