@@ -47,53 +47,53 @@ def test_gates_read_each_pieces_input_side_scalar():
     assert g["0"].shape == (2, 3)
 
 
+def _fresh_learned_state(name: str, rows: int):
+    """A built-in target's untrained learned-mode state and ``rows`` inputs."""
+    target = builtin_target(name)
+    cfg = resolve_stage1(TARGETS[name].stage1, None, minimality="learned", batch_size=rows)
+    n_pieces, _ = matrix_settings(target, cfg)
+    state = new_state(target.model, cfg, n_pieces, torch.device("cpu"), target.sample)
+    return target, cfg, n_pieces, state, target.sample(rows, torch.Generator().manual_seed(0))
+
+
+def _importance_and_gate_sums(target, cfg, state, x):
+    """The objective's importance term, and each gated matrix's mean over rows of sum_c relu(z_c)^p."""
+    from apdkit.stages.stage1.objective import learned_objective
+    from apdkit.stages.stage1.train import coefficients
+
+    V = {n: v / v.norm(dim=1, keepdim=True) for n, v in state.V_raw.items()}
+    losses = learned_objective(target.model, x, target.model.weights(), state.U, V, state.gates, coefficients(cfg),
+                               cfg.importance_p)
+    inner, _ = piece_inputs(target.model, x, state.pieces())
+    sums = {n: gate_logits(state.gate_params()[n], inner[n]).relu().pow(cfg.importance_p).sum(1).mean()
+            for n in state.gates}
+    return losses["importance"].detach(), sums
+
+
 def test_a_matrix_kept_whole_has_no_gates_and_every_gate_at_one():
     """tms_40-10-id with ``whole: [hidden]`` in the learned mode: the hidden
     identity gets 10 pieces and no gate parameters, its gates are 1 on every
     row (W's are not), and its pieces pay no importance penalty; W's penalty
     is over its rank."""
-    from apdkit.stages.stage1.objective import learned_objective
-    from apdkit.stages.stage1.train import coefficients
-
-    target = builtin_target("tms_40-10-id")
-    cfg = resolve_stage1(TARGETS["tms_40-10-id"].stage1, None, minimality="learned", batch_size=64)
-    n_pieces, _ = matrix_settings(target, cfg)
+    target, cfg, n_pieces, state, x = _fresh_learned_state("tms_40-10-id", 64)
     assert n_pieces == {"W": 60, "hidden": 10}
-    state = new_state(target.model, cfg, n_pieces, torch.device("cpu"), target.sample)
     assert set(state.gates) == {"W"}
-    x = target.sample(64, torch.Generator().manual_seed(0))
     g, _ = gates_of(target.model, x, state.pieces(), state.gate_params())
     assert torch.equal(g["hidden"], torch.ones(64, 10)) and not torch.equal(g["W"], torch.ones(64, 60))
-    weights = target.model.weights()
-    V = {n: v / v.norm(dim=1, keepdim=True) for n, v in state.V_raw.items()}
-    losses = learned_objective(target.model, x, weights, state.U, V, state.gates, coefficients(cfg), cfg.importance_p)
-    inner, _ = piece_inputs(target.model, x, state.pieces())
-    z_w = gate_logits(state.gate_params()["W"], inner["W"])
-    # W's alone, over W's rank (10 x 40: 10)
-    assert torch.allclose(losses["importance"].detach(), z_w.relu().pow(cfg.importance_p).sum(1).mean() / 10)
+    importance, sums = _importance_and_gate_sums(target, cfg, state, x)
+    assert torch.allclose(importance, sums["W"] / 10)  # W's alone, over W's rank (10 x 40: 10)
 
 
 def test_the_importance_penalty_is_per_unit_of_rank():
     """resid_mlp2's learned penalty: each gated matrix's sum of relu(z)^p
     over its rank (W_in is 25 x 1000: 25), averaged over the gated matrices
     (W_out, kept whole, has none)."""
-    from apdkit.stages.stage1.objective import learned_objective
-    from apdkit.stages.stage1.train import coefficients
-
-    target = builtin_target("resid_mlp2")
-    cfg = resolve_stage1(TARGETS["resid_mlp2"].stage1, None, minimality="learned", batch_size=32)
-    n_pieces, _ = matrix_settings(target, cfg)
-    state = new_state(target.model, cfg, n_pieces, torch.device("cpu"), target.sample)
+    target, cfg, _, state, x = _fresh_learned_state("resid_mlp2", 32)
     assert set(state.gates) == {"layers.0.W_in", "layers.1.W_in"}
-    x = target.sample(32, torch.Generator().manual_seed(0))
     weights = target.model.weights()
     assert [min(weights[n].shape) for n in state.gates] == [25, 25]
-    V = {n: v / v.norm(dim=1, keepdim=True) for n, v in state.V_raw.items()}
-    losses = learned_objective(target.model, x, weights, state.U, V, state.gates, coefficients(cfg), cfg.importance_p)
-    inner, _ = piece_inputs(target.model, x, state.pieces())
-    sums = [gate_logits(state.gate_params()[n], inner[n]).relu().pow(cfg.importance_p).sum(1).mean()
-            for n in state.gates]
-    assert torch.allclose(losses["importance"].detach(), (sums[0] + sums[1]) / 25 / 2)
+    importance, sums = _importance_and_gate_sums(target, cfg, state, x)
+    assert torch.allclose(importance, (sums["layers.0.W_in"] + sums["layers.1.W_in"]) / 25 / 2)
 
 
 def _learned(steps: int, **extra):
