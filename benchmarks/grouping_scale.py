@@ -11,7 +11,8 @@ probability 0.95, plus Poisson(5) pieces firing at random (noise, which is
 what fills the co-activation matrix with chance pairs). The steps are the
 stage's own functions: co-activation counts (sparse, folded chunk by chunk),
 the chance-filtered affinity graph, spectral grouping per connected
-component, the split of groups holding pieces that are apart, and the
+component, the split of groups holding pieces that are apart, the sample
+of the masks (50,000 rows, sparse) and the split of unions, and the
 group activity counts of the description length. The
 baseline, in the same process, is what the dense statistics the stage used
 before would hold: two (P, P) float64 matrices, plus one (2, P, P) float64
@@ -35,6 +36,7 @@ MECHANISM = 4
 USED_PER_INPUT = 10
 NOISE_PER_INPUT = 5
 KEEP = 0.95
+DL_SAMPLES = 50_000  # the stage's default dl_samples: rows sampled for the union split
 
 
 def synthetic_chunk(block_id: int, rows: int, P: int) -> np.ndarray:
@@ -67,9 +69,11 @@ def peak_mib() -> float:
 
 
 def one_size(P: int, n: int, min_rate: float) -> dict:
-    from apdkit.stages.group.coactivation import alive_pieces, coactivation_dask, group_activity_counts
-    from apdkit.stages.group.mechanisms import partition_scores, relabel
-    from apdkit.stages.group.methods import GroupingInput, GroupingSettings, affinity, spectral, split_apart
+    from apdkit.stages.group.coactivation import (alive_pieces, coactivation_dask, group_activity_counts,
+                                                  sample_masks, sample_rows)
+    from apdkit.stages.group.mechanisms import partition_scores, relabel, split_unions
+    from apdkit.stages.group.methods import (ALWAYS_TOGETHER, GroupingInput, GroupingSettings, affinity, spectral,
+                                             split_apart)
     from scipy.sparse.csgraph import connected_components
 
     out = {"pieces": P, "samples": n, "start_mib": round(peak_mib())}
@@ -95,6 +99,18 @@ def one_size(P: int, n: int, min_rate: float) -> dict:
     t = time.perf_counter()
     labels_alive = split_apart(labels_alive, inp, GroupingSettings())  # the stage's rule after every method
     out["apart_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    alive_idx = np.flatnonzero(alive)
+    sampled = sample_masks(masks, sample_rows(n, DL_SAMPLES, 0), alive_idx)
+    out["sample_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    planted_of = alive_idx // MECHANISM
+
+    def union_rank(positions):  # a planted mechanism's pieces share one direction
+        return np.array([len(np.unique(planted_of[positions]))])
+
+    labels_alive = relabel(split_unions(labels_alive, sampled, union_rank, GroupingSettings().alpha, ALWAYS_TOGETHER))
+    out["unions_s"] = round(time.perf_counter() - t, 1)
     labels = np.full(P, -1)
     labels[alive] = labels_alive
     labels = relabel(labels)
@@ -120,8 +136,9 @@ def main() -> None:
         print(json.dumps(one_size(args.one, args.samples, args.min_rate)))
         return
     print("| pieces | samples | co-activation s | co nonzeros (MiB) | alive | graph edges | components | spectral s "
-          "| apart split s | activity s | groups | planted recovered | peak RSS MiB | dense statistics would hold MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| apart split s | sample s | union split s | activity s | groups | planted recovered | peak RSS MiB "
+          "| dense statistics would hold MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for P in args.pieces:
         done = subprocess.run([sys.executable, __file__, "--one", str(P), "--samples", str(args.samples),
                                "--min-rate", str(args.min_rate)], capture_output=True, text=True)
@@ -131,7 +148,8 @@ def main() -> None:
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"| {P} | {r['samples']} | {r['coactivation_s']} | {r['co_nonzeros']:,} ({r['co_mib']}) | {r['alive']} "
-              f"| {r['graph_edges']:,} | {r['components']} | {r['spectral_s']} | {r['apart_s']} | {r['activity_s']} | {r['groups']} "
+              f"| {r['graph_edges']:,} | {r['components']} | {r['spectral_s']} | {r['apart_s']} | {r['sample_s']} "
+              f"| {r['unions_s']} | {r['activity_s']} | {r['groups']} "
               f"| {r['exact_match']:.1%} | {r['peak_mib']} | {r['dense_baseline_mib']:,} |", flush=True)
 
 

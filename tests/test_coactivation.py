@@ -55,3 +55,14 @@ def test_piece_index_round_trip():
     assert index.matrix_of().tolist() == [0, 0, 0, 1, 1]
     parts = index.split(np.arange(5))
     assert parts["a"].tolist() == [0, 1, 2] and parts["b"].tolist() == [3, 4]
+
+
+def test_sample_masks_reads_the_chosen_rows_and_columns_chunk_by_chunk():
+    from apdkit.stages.group.coactivation import sample_masks
+
+    dense = np.random.default_rng(0).random((10, 5)) < 0.4
+    masks = da.from_array(dense, chunks=(3, 5))
+    got = sample_masks(masks, [1, 4, 5, 9], np.array([0, 2, 4]))
+    assert got.format == "csc"
+    assert np.array_equal(got.toarray().astype(bool), dense[[1, 4, 5, 9]][:, [0, 2, 4]])
+    assert sample_masks(masks, [], np.array([0, 1])).shape == (0, 2)

@@ -6,9 +6,9 @@ import pytest
 
 from apdkit.stages.group.coactivation import coactivation_numpy
 from apdkit.stages.group.methods import (METHODS, GroupingError, GroupingInput, GroupingSettings, apart, bridges,
-                                        group_pieces)
-from apdkit.stages.group.mechanisms import (description_length, feature_merges, numerical_rank, partition_scores,
-                                            relabel)
+                                        group_pieces, split_apart)
+from apdkit.stages.group.mechanisms import (best_split, description_length, feature_merges, numerical_rank,
+                                            partition_scores, relabel, split_unions, union_mechanisms)
 
 
 def planted(seed=0, n=4000, sizes=(3, 2, 2, 1, 3)):
@@ -188,10 +188,13 @@ def test_shared_pieces_own_keeps_two_features_apart(method):
     own = group_pieces(method, inp, GroupingSettings(shared_pieces="own"))
     assert feature_merges(own, dedicated) == {"merged_features": 0.0, "split_features": 1.0}
     assert len(set(own.tolist())) == 3 and own[4] not in own[:4]
-    kept = group_pieces(method, inp, GroupingSettings())
-    assert kept[0] != kept[2]
+    # by default too: with either feature, the shared piece makes a union (its rank paid on the inputs
+    # where it does not fire), and the union split takes it out
+    assert group_pieces(method, inp, GroupingSettings()).tolist() == own.tolist()
+    before = split_apart(METHODS[method](inp, GroupingSettings()), inp, GroupingSettings())
     if method in ("spectral", "louvain"):  # these put the shared piece with one of the features
-        assert kept[4] in (kept[0], kept[2])
+        assert before[4] in (before[0], before[2])
+        assert union_mechanisms(before, masks, inp.union_rank, 4.0, 0.9) == [before[4]]
 
 
 def test_spectral_solves_on_one_blas_thread(monkeypatch):
@@ -220,3 +223,60 @@ def test_bridges_that_always_fire_together_share_one_mechanism():
     twin = np.concatenate([masks, masks[:, 4:5]], axis=1)  # a second piece on exactly the shared piece's inputs
     own = group_pieces("spectral", _input_from_masks(twin), GroupingSettings(shared_pieces="own"))
     assert own[4] == own[5] and len(set(own.tolist())) == 3
+
+
+def _union_fixture():
+    """10 inputs. Pieces 0 and 1 (an identity's two pieces) fire on rows 0-7,
+    piece 2 (a feature) on rows 0-1 only, piece 3 (another feature) on rows
+    4-5; group 0 joins the feature to the identity. Pieces 4 and 5 fire on
+    rows 0-4 and 0-3 + 5: mostly together, not twins (Jaccard 4/6)."""
+    masks = np.zeros((10, 6), dtype=bool)
+    masks[:8, [0, 1]] = True
+    masks[:2, 2] = True
+    masks[4:6, 3] = True
+    masks[:5, 4] = True
+    masks[[0, 1, 2, 3, 5], 5] = True
+    return masks, np.array([0, 0, 0, 1, 2, 2])
+
+
+def _rank_is_count(positions):
+    return np.array([len(positions)])
+
+
+def test_best_split_of_a_union_is_exact():
+    masks, labels = _union_fixture()
+    # G = 3 groups active on 8, 2 and 6 inputs (S = 16); taking the feature out of group 0 (rank 3,
+    # active 8) gives parts active on 2 (rank 1) and 8 (rank 2), with 4 groups:
+    # log2(4) (16 - 8 + 2 + 8) - log2(3) 16 + alpha (2 + 16 - 24)
+    change, part = best_split(masks, np.array([0, 1, 2]), _rank_is_count, 4.0, 3, 16.0, 0.9)
+    assert change == pytest.approx(2 * 18 - np.log2(3) * 16 - 4 * 6)
+    assert sorted(part.tolist()) in ([2], [0, 1])
+    # pieces 4 and 5 apart would cost log2(4) (16 - 6 + 5 + 5) - log2(3) 16 + alpha (5 + 5 - 12) > 0 bits: kept
+    apart_dl = description_length(np.array([8, 2, 5, 5]), np.array([3, 1, 1, 1]), 4.0)
+    assert apart_dl - description_length(np.array([8, 2, 6]), np.array([3, 1, 2]), 4.0) == pytest.approx(
+        2 * 20 - np.log2(3) * 16 - 4 * 2)
+    assert 2 * 20 - np.log2(3) * 16 - 4 * 2 > 0
+    assert best_split(masks, np.array([4, 5]), _rank_is_count, 4.0, 3, 16.0, 0.9) is None
+    assert best_split(masks, np.array([0, 1]), _rank_is_count, 4.0, 3, 16.0, 0.9) is None  # twins: one class
+
+
+def test_split_unions_takes_a_feature_out_of_an_identity_mechanism():
+    masks, labels = _union_fixture()
+    assert union_mechanisms(labels, masks, _rank_is_count, 4.0, 0.9) == [0]
+    out = relabel(split_unions(labels, masks, _rank_is_count, 4.0, 0.9))
+    assert out.tolist() == [0, 0, 1, 2, 3, 3]
+    assert union_mechanisms(out, masks, _rank_is_count, 4.0, 0.9) == []
+    # -1 (dead) pieces stay out of every group
+    dead = np.array([0, 0, 0, 1, -1, -1])
+    assert relabel(split_unions(dead, masks, _rank_is_count, 4.0, 0.9)).tolist() == [0, 0, 1, 2, -1, -1]
+
+
+def test_group_pieces_splits_unions_unless_the_count_is_fixed():
+    masks, _ = _union_fixture()
+    # spectral alone keeps the feature with the identity it always fires with; the union split takes it out
+    inp = _input_from_masks(np.repeat(masks, 50, axis=0))
+    labels = group_pieces("spectral", inp, GroupingSettings())
+    assert labels[2] != labels[0] and labels[0] == labels[1]
+    with pytest.raises(GroupingError, match="sample of the masks"):
+        group_pieces("spectral", GroupingInput(inp.stats, masks[:0], inp.matrix_of, inp.union_rank),
+                     GroupingSettings())

@@ -46,6 +46,7 @@ def test_verify_passes_on_a_good_decomposition(grouped_id):
     # mechanisms: the identity is one, so fewer active per input than pieces
     assert mini["mechanisms/mean_active"] < mini["pieces/mean_active"]
     assert ver["checks"]["simplicity"]["figures"]["max_mechanism_rank"] == 2
+    assert ver["checks"]["simplicity"]["figures"]["unions"] == 0
     for check in ("stochastic", "resample", "adversarial"):
         assert ver["checks"][check]["figures"]["fraction_of_ablated"] < 0.1, check
     adv = ver["checks"]["adversarial"]["figures"]
@@ -132,6 +133,39 @@ def test_verify_catches_cancelling_pieces_in_inactive_mechanisms(grouped_id):
         assert not checks[check]["passed"], (check, checks[check]["figures"])
     adv = checks["adversarial"]["figures"]
     assert adv["fraction_of_ablated"] > adv["typical/fraction_of_ablated"]
+
+
+def test_verify_catches_a_union_of_two_mechanisms(grouped_id):
+    """One feature's piece joined to the inserted identity's mechanism (as
+    spectral grouping did on tms_5-2-id seed 4): the grouping is shorter to
+    describe than the ungrouped pieces, but not than with the feature apart."""
+    import numpy as np
+
+    from apdkit.stages.group.coactivation import group_activity_counts
+    from apdkit.stages.group.mechanisms import relabel
+    from apdkit.stores.run import RunStore
+
+    run = open_run(grouped_id)
+    info, labels = run.grouping_info("g"), run.grouping("g")
+    identity = int(labels["hidden"][0])
+    assert set(labels["hidden"].tolist()) == {identity}  # the identity's pieces: one mechanism
+    W = labels["W"].copy()
+    feature = int(W[(W >= 0) & (W != identity)][0])
+    W[W == feature] = identity
+    flat = relabel(np.concatenate([W, labels["hidden"]]))
+    n_groups = int(flat.max()) + 1
+    activity = group_activity_counts(run.eval_masks_dask(["W", "hidden"]), flat, n_groups)
+    attrs = {k: v for k, v in info.items() if k not in ("status", "checksums", "identity", "scores")}
+    attrs.update(n_groups=n_groups, activity=activity.tolist(),
+                 mean_active_mechanisms=float(activity.sum() / run.masks()["W"].shape[0]))
+    RunStore(grouped_id, run.model_name).write_grouping("union", {"W": flat[:len(W)], "hidden": flat[len(W):]},
+                                                        **attrs)
+    result = apd("verify", "--store", grouped_id, "--method", "union", "-q")
+    assert result.exit_code == 1, result.output
+    assert "failed: simplicity" in result.output
+    simp = open_run(grouped_id).verification("union")["checks"]["simplicity"]["figures"]
+    assert simp["unions"] == 1
+    assert simp["description_length_per_input"] < simp["pieces_description_length_per_input"]
 
 
 def test_verify_without_grouping_is_a_clear_error(id_store):

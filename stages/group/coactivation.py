@@ -141,3 +141,20 @@ def sample_rows(n: int, limit: int, seed: int) -> Sequence[int]:
     if n <= limit:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def sample_masks(masks: da.Array, rows: Sequence[int], columns: np.ndarray, scheduler=None) -> sparse.csc_array:
+    """(len(rows), len(columns)) the masks of the given (sorted) rows and
+    columns as a sparse column matrix, read one stored chunk of rows at a
+    time: each chunk is read once, and no dense sample is ever held."""
+    rows = np.asarray(rows)
+    bounds = np.cumsum((0,) + masks.chunks[0])
+    blocks = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        picked = rows[(rows >= start) & (rows < stop)] - start
+        if len(picked):
+            chunk = np.asarray(masks[start:stop].compute(scheduler=scheduler))
+            blocks.append(sparse.csr_array(chunk[picked][:, columns], dtype=np.int8))
+    if not blocks:
+        return sparse.csc_array((0, len(columns)), dtype=np.int8)
+    return sparse.vstack(blocks, format="csc")

@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from apdkit.stages.config import TOGETHER_MIN
 from apdkit.stages.group.coactivation import CoactivationStats, jaccard
-from apdkit.stages.group.mechanisms import relabel
+from apdkit.stages.group.mechanisms import relabel, split_unions
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class GroupingInput:
     """What a method sees, restricted to the alive pieces (P of them)."""
 
     stats: CoactivationStats  # (P,) counts, (P, P) co-activation
-    sample_masks: np.ndarray  # (n_sub, P) bool: a sample of inputs, for mdl's description lengths (else empty)
+    sample_masks: sparse.sparray | np.ndarray  # (n_sub, P) bool: a sample of inputs, for description lengths
     matrix_of: np.ndarray  # (P,) which matrix each piece is in
     union_rank: Callable[[np.ndarray], np.ndarray]  # piece positions -> rank per matrix of their sum
 
@@ -220,11 +220,12 @@ def mdl(inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
     The merged rank needs a small SVD, so pairs are screened with a lower
     bound (per matrix, r >= max(r_g, r_h)) and only the best is checked exactly.
     """
-    masks = inp.sample_masks.astype(bool)
-    P = masks.shape[1]
+    P = inp.sample_masks.shape[1]
     if P > MDL_MAX_PIECES:
         raise GroupingError(f"mdl holds dense groups x groups matrices: at most {MDL_MAX_PIECES} alive pieces "
                             f"(here {P}); use spectral or louvain")
+    masks = inp.sample_masks.toarray() if sparse.issparse(inp.sample_masks) else inp.sample_masks
+    masks = masks.astype(bool)
     members = [np.array([p]) for p in range(P)]
     ranks = np.stack([inp.union_rank(m) for m in members])  # (G, n_matrices)
     active = masks.copy()  # (n, G): is any member active
@@ -382,12 +383,16 @@ def split_bridges(labels: np.ndarray, inp: GroupingInput, s: GroupingSettings) -
 def group_pieces(method: str, inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
     """One label per alive piece: the method's grouping, then (unless the
     group count is fixed or together_min is 0) split so that no group holds
-    two pieces that are apart, and with shared_pieces "own" every bridge
-    piece made a mechanism of its own."""
+    two pieces that are apart, split where a group is a union of two
+    mechanisms (mechanisms.split_unions, on the masks sample), and with
+    shared_pieces "own" every bridge piece made a mechanism of its own."""
     labels = METHODS[method](inp, s)
     if s.n_groups is not None or s.together_min <= 0:
         return labels
     labels = split_apart(labels, inp, s)
+    if inp.sample_masks.shape[0] == 0:
+        raise GroupingError("splitting unions needs a sample of the masks (GroupingInput.sample_masks is empty)")
+    labels = relabel(split_unions(labels, inp.sample_masks, inp.union_rank, s.alpha, ALWAYS_TOGETHER))
     return split_bridges(labels, inp, s) if s.shared_pieces == "own" else labels
 
 

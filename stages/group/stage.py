@@ -12,9 +12,9 @@ from apdkit.core.model import TargetError
 from apdkit.stages.config import TOGETHER_MIN, GroupConfig, Stage1Config
 from apdkit.stages.errors import StageError
 from apdkit.stages.group.coactivation import (CoactivationStats, PieceIndex, alive_pieces, coactivation_dask,
-                                              coactivation_numpy, group_activity_counts, sample_rows)
+                                              coactivation_numpy, group_activity_counts, sample_masks, sample_rows)
 from apdkit.stages.group.mechanisms import (description_length, feature_merges, identity_mechanisms, mechanism_ranks,
-                                            numerical_rank, partition_scores, relabel)
+                                            partition_scores, rank_function, relabel)
 from apdkit.stages.group.methods import METHODS, GroupingError, GroupingInput, GroupingSettings, group_pieces
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
@@ -102,29 +102,16 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
         raise StageError(f"--n-groups {cfg.n_groups} is more than the {len(alive_idx)} alive pieces")
     sub = stats.restrict(alive)
     methods = [m for m in METHODS if m != "leiden"] if cfg.method == "auto" else [cfg.method]
-    if "mdl" in methods:  # only mdl reads a dense sample of the masks (dl_samples x alive pieces)
-        rows = sample_rows(stored_rows, cfg.dl_samples, cfg.seed)
-        sample_masks = np.asarray(masks[:stored_rows][rows].compute(scheduler=scheduler))[:, alive]
-    else:
-        sample_masks = np.zeros((0, len(alive_idx)), dtype=bool)
+    # a sample of the masks (dl_samples x alive pieces, sparse): mdl's description lengths, and the union split
+    sampled = sample_masks(masks[:stored_rows], sample_rows(stored_rows, cfg.dl_samples, cfg.seed), alive_idx,
+                           scheduler=scheduler)
     matrix_of = index.matrix_of()[alive]
-    offsets = index.offsets()
-    flat_U = [pieces[n][0] for n in index.names]
-    flat_V = [pieces[n][1] for n in index.names]
-
-    def union_rank(positions: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(index.names), dtype=np.int64)
-        cols = alive_idx[positions]
-        mats = index.matrix_of()[cols]
-        for j in np.unique(mats):
-            local = cols[mats == j] - offsets[index.names[j]]
-            out[j] = numerical_rank(flat_U[j][local], flat_V[j][local], cfg.rank_rtol)
-        return out
+    union_rank = rank_function(index, pieces, alive_idx, cfg.rank_rtol)
 
     together_min = cfg.together_min
     if together_min is None:
         together_min = TOGETHER_MIN if n_stored == run.eval_inputs().shape[0] else 0.0
-    inp = GroupingInput(sub, sample_masks, matrix_of, union_rank)
+    inp = GroupingInput(sub, sampled, matrix_of, union_rank)
     settings = GroupingSettings(n_groups=cfg.n_groups, alpha=cfg.alpha, threshold=cfg.threshold,
                                 resolution=cfg.resolution, together_min=together_min,
                                 shared_pieces=cfg.shared_pieces, seed=cfg.seed)
