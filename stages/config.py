@@ -149,8 +149,8 @@ class GroupConfig(BaseModel):
     resolution: float = Field(1.0, gt=0, description="louvain/leiden resolution")
     together_min: float | None = Field(
         None, ge=0, lt=1, description="any method: no mechanism keeps two pieces that fire together on at most this "
-        "share of the rarer one's inputs, or at most twice as often as chance (such groups are split; 0: off; not "
-        "applied with --n-groups). Default: 0.3 when a row is one input; off when rows are a sequence's positions, "
+        "share of the rarer one's inputs, or at most twice as often as chance (such groups are split), and no "
+        "mechanism is a union of two (see the README; 0: both off; not applied with --n-groups). Default: 0.3 when a row is one input; off when rows are a sequence's positions, "
         "where one mechanism's pieces act at different positions (an attention head's query and key)")
     shared_pieces: Literal["method", "own"] = Field(
         "method", description="where the apart rule is on, a piece that fires about as often with each of two "
@@ -160,7 +160,8 @@ class GroupConfig(BaseModel):
         "benchmarks/RESULTS.md, 'Shared pieces')")
     min_rate: float = Field(1e-3, ge=0, lt=1, description="pieces active on fewer inputs than this fraction are dead")
     rank_rtol: float = Field(0.05, gt=0, lt=1, description="numerical rank: singular values below this times the largest piece are zero")
-    dl_samples: int = Field(50_000, gt=0, description="inputs sampled for description lengths inside methods")
+    dl_samples: int = Field(50_000, gt=0, description="inputs sampled for description lengths inside methods "
+                            "and for the union split")
     samples: int | None = Field(None, gt=0, description="inputs to collect co-activation on (default: stage 1's evaluation set)")
     chunk: int = Field(4096, gt=0, description="inputs per chunk when collecting new samples")
     seed: int = 0
