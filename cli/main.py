@@ -216,8 +216,9 @@ def group(
     threshold: Optional[float] = typer.Option(None, help="threshold: Jaccard co-activation for an edge"),
     resolution: Optional[float] = typer.Option(None, help="louvain/leiden resolution"),
     samples: Optional[int] = typer.Option(None, help="inputs to collect co-activation on (more than stored: new ones are drawn)"),
-    shared_pieces: Optional[str] = typer.Option(None, help="method (default) | own: a piece that two mechanisms "
-                                                "never active together use about equally becomes its own mechanism"),
+    shared_pieces: Optional[str] = typer.Option(None, help="own (default): a piece that two mechanisms never "
+                                                "active together use about equally becomes its own mechanism | "
+                                                "method: it stays where the method put it"),
     name: Optional[str] = typer.Option(None, help="name of the grouping in the store (default: the method)"),
     config: Optional[Path] = typer.Option(None, help="YAML file of grouping settings"),
     scheduler: Optional[str] = typer.Option(None, help="address of a dask.distributed scheduler (default: local threads)"),

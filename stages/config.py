@@ -153,11 +153,11 @@ class GroupConfig(BaseModel):
         "mechanism is a union of two (see the README; 0: both off; not applied with --n-groups). Default: 0.3 when a row is one input; off when rows are a sequence's positions, "
         "where one mechanism's pieces act at different positions (an attention head's query and key)")
     shared_pieces: Literal["method", "own"] = Field(
-        "method", description="where the apart rule is on, a piece that fires about as often with each of two "
-        "mechanisms that never share inputs (a readout two features share): 'method' leaves it on the side the "
-        "method chose, 'own' makes it a mechanism of its own, so no mechanism holds pieces of two such mechanisms "
-        "(resid_mlp 1/2/3 with spectral: no merged features, but 16-50 features lose a piece to one; "
-        "benchmarks/RESULTS.md, 'Shared pieces')")
+        "own", description="where the apart rule is on, a piece that fires about as often with each of two "
+        "mechanisms that never share inputs (a readout two features share, a W_in piece that mixes two features): "
+        "'own' makes it a mechanism of its own, so no mechanism holds pieces of two such mechanisms; 'method' "
+        "leaves it on the side the method chose (resid_mlp3, 5 seeds: spectral merges 0 features with 'own', 2 "
+        "on one seed with 'method'; 'own' splits 4-17 features; benchmarks/RESULTS.md, 'Unions')")
     min_rate: float = Field(1e-3, ge=0, lt=1, description="pieces active on fewer inputs than this fraction are dead")
     rank_rtol: float = Field(0.05, gt=0, lt=1, description="numerical rank: singular values below this times the largest piece are zero")
     dl_samples: int = Field(50_000, gt=0, description="inputs sampled for description lengths inside methods "

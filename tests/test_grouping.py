@@ -188,13 +188,24 @@ def test_shared_pieces_own_keeps_two_features_apart(method):
     own = group_pieces(method, inp, GroupingSettings(shared_pieces="own"))
     assert feature_merges(own, dedicated) == {"merged_features": 0.0, "split_features": 1.0}
     assert len(set(own.tolist())) == 3 and own[4] not in own[:4]
-    # by default too: with either feature, the shared piece makes a union (its rank paid on the inputs
-    # where it does not fire), and the union split takes it out
-    assert group_pieces(method, inp, GroupingSettings()).tolist() == own.tolist()
-    before = split_apart(METHODS[method](inp, GroupingSettings()), inp, GroupingSettings())
+    assert GroupingSettings().shared_pieces == "own"  # the default
+    # with "method", every piece its own direction: with either feature the shared piece makes a union
+    # (its rank paid where it does not fire), and the union split takes it out as well
+    method_settings = GroupingSettings(shared_pieces="method")
+    assert group_pieces(method, inp, method_settings).tolist() == own.tolist()
+    before = split_apart(METHODS[method](inp, method_settings), inp, method_settings)
     if method in ("spectral", "louvain"):  # these put the shared piece with one of the features
         assert before[4] in (before[0], before[2])
         assert union_mechanisms(before, masks, inp.union_rank, 4.0, 0.9) == [before[4]]
+    # but when it reads feature 0's direction (no rank of its own there), no union is left to split:
+    # only "own" keeps it out of feature 0's mechanism
+    parallel = GroupingInput(inp.stats, masks, inp.matrix_of,
+                             lambda positions: np.array([len(set(np.where(positions == 4, 0, positions) // 2))]))
+    kept = group_pieces(method, parallel, method_settings)
+    assert kept[0] != kept[2]
+    if method in ("spectral", "louvain"):
+        assert kept[4] in (kept[0], kept[2])
+    assert group_pieces(method, parallel, GroupingSettings()).tolist() == own.tolist()
 
 
 def test_spectral_solves_on_one_blas_thread(monkeypatch):

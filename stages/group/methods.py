@@ -40,7 +40,7 @@ class GroupingSettings:
     resolution: float = 1.0
     max_groups: int | None = None
     together_min: float = TOGETHER_MIN
-    shared_pieces: str = "method"  # "own": every bridge piece is a mechanism of its own
+    shared_pieces: str = "own"  # every bridge piece a mechanism of its own ("method": where the method put it)
     seed: int = 0
 
 
