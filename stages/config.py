@@ -150,7 +150,8 @@ class GroupConfig(BaseModel):
     together_min: float | None = Field(
         None, ge=0, lt=1, description="any method: no mechanism keeps two pieces that fire together on at most this "
         "share of the rarer one's inputs, or at most twice as often as chance (such groups are split), and no "
-        "mechanism is a union of two (see the README; 0: both off; not applied with --n-groups). Default: 0.3 when a row is one input; off when rows are a sequence's positions, "
+        "mechanism is a union of two (see the README; 0: both off; not applied with --n-groups). Default: 0.3 "
+        "when a row is one input; off when rows are a sequence's positions, "
         "where one mechanism's pieces act at different positions (an attention head's query and key)")
     shared_pieces: Literal["method", "own"] = Field(
         "own", description="where the apart rule is on, a piece that fires about as often with each of two "
