@@ -29,9 +29,10 @@ _RESID_DEEP = dict(_RESID, minimality_coeff=2.0, simplicity_coeff=7.0, faithfuln
 _INDUCTION_TRAIN = dict(lr=1e-2, weight_decay=0.01, batch=128, steps=5000, warmup=0.02, schedule="cosine")
 _MODADD_TRAIN = dict(lr=5e-3, weight_decay=2.0, steps=8000, warmup=0.0, schedule="constant", betas=(0.9, 0.98))  # full batch
 # stochastic term, faithfulness 10,000 and 6,000 steps: verify failed on 3 of 3 seeds (grouped mechanisms lost
-# what the pieces kept, worst masks 1.1-1.9x the ablated error); now spectral passes on 3 of 5 (the others miss
-# simplicity by 0.1-0.2 bits in 383-390) and mdl on 5 of 5. The term alone pulled the sum 4-13% off W, 6,000
-# steps alone failed adversarial (0.74). The key-frequency ground truth is still missed (RESULTS.md, "modadd")
+# what the pieces kept, worst masks 1.1-1.9x the ablated error); then spectral passed on 3 of 5 (the others missed
+# simplicity by 0.1-0.2 bits in 383-390), and with the union split 5 of 5 (RESULTS.md, "Unions"). The term alone
+# pulled the sum 4-13% off W, 6,000 steps alone failed adversarial (0.74). The key-frequency ground truth is still
+# missed (RESULTS.md, "modadd")
 _MODADD = dict(n_pieces={"embed": 32, "W_in": 64, "W_out": 64}, topk=12.0, steps=6000, batch_size=512, lr=3e-3,
                faithfulness_coeff=10000.0, stochastic_coeff=10.0)
 _TINY_LM_TRAIN = dict(lr=3e-3, weight_decay=0.1, batch=32, steps=3000, warmup=0.02, schedule="cosine", clip=1.0)
