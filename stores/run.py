@@ -459,6 +459,11 @@ class Run:
         self._require(STAGE1)
         return self.root[STAGE1_EVAL_INPUTS]
 
+    def mask_rows_are_inputs(self) -> bool:
+        """Whether stage 1's stored masks have one row per evaluation input
+        (False where a row is one position of a sequence)."""
+        return next(iter(self.masks().values())).shape[0] == self.eval_inputs().shape[0]
+
     def attribution_scores(self) -> dict[str, zarr.Array]:
         """{matrix: (n_rows, C) zarr array} of the final pieces' attributions."""
         self._require(STAGE1)

@@ -380,6 +380,12 @@ def split_bridges(labels: np.ndarray, inp: GroupingInput, s: GroupingSettings) -
     return relabel(out)
 
 
+def splits_apply(s: GroupingSettings) -> bool:
+    """Whether the apart rule, the union split and the bridges run after the
+    method: not with a fixed group count, nor with together_min 0."""
+    return s.n_groups is None and s.together_min > 0
+
+
 def group_pieces(method: str, inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
     """One label per alive piece: the method's grouping, then (unless the
     group count is fixed or together_min is 0) split so that no group holds
@@ -387,7 +393,7 @@ def group_pieces(method: str, inp: GroupingInput, s: GroupingSettings) -> np.nda
     mechanisms (mechanisms.split_unions, on the masks sample), and with
     shared_pieces "own" every bridge piece made a mechanism of its own."""
     labels = METHODS[method](inp, s)
-    if s.n_groups is not None or s.together_min <= 0:
+    if not splits_apply(s):
         return labels
     labels = split_apart(labels, inp, s)
     if inp.sample_masks.shape[0] == 0:

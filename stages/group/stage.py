@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 
 from apdkit.core.model import TargetError
 from apdkit.stages.config import TOGETHER_MIN, GroupConfig, Stage1Config
@@ -15,7 +16,8 @@ from apdkit.stages.group.coactivation import (CoactivationStats, PieceIndex, ali
                                               coactivation_numpy, group_activity_counts, sample_masks, sample_rows)
 from apdkit.stages.group.mechanisms import (description_length, feature_merges, identity_mechanisms, mechanism_ranks,
                                             partition_scores, rank_function, relabel)
-from apdkit.stages.group.methods import METHODS, GroupingError, GroupingInput, GroupingSettings, group_pieces
+from apdkit.stages.group.methods import (METHODS, GroupingError, GroupingInput, GroupingSettings, group_pieces,
+                                         splits_apply)
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
 from apdkit.stages.selection import Gates, piece_masks
@@ -102,19 +104,21 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
         raise StageError(f"--n-groups {cfg.n_groups} is more than the {len(alive_idx)} alive pieces")
     sub = stats.restrict(alive)
     methods = [m for m in METHODS if m != "leiden"] if cfg.method == "auto" else [cfg.method]
-    # a sample of the masks (dl_samples x alive pieces, sparse): mdl's description lengths, and the union split
-    sampled = sample_masks(masks[:stored_rows], sample_rows(stored_rows, cfg.dl_samples, cfg.seed), alive_idx,
-                           scheduler=scheduler)
-    matrix_of = index.matrix_of()[alive]
-    union_rank = rank_function(index, pieces, alive_idx, cfg.rank_rtol)
-
     together_min = cfg.together_min
     if together_min is None:
-        together_min = TOGETHER_MIN if n_stored == run.eval_inputs().shape[0] else 0.0
-    inp = GroupingInput(sub, sampled, matrix_of, union_rank)
+        together_min = TOGETHER_MIN if run.mask_rows_are_inputs() else 0.0
     settings = GroupingSettings(n_groups=cfg.n_groups, alpha=cfg.alpha, threshold=cfg.threshold,
                                 resolution=cfg.resolution, together_min=together_min,
                                 shared_pieces=cfg.shared_pieces, seed=cfg.seed)
+    # a sample of the masks (dl_samples x alive pieces, sparse), read only where it is used: mdl's description
+    # lengths, and the union split
+    if "mdl" in methods or splits_apply(settings):
+        sampled = sample_masks(masks[:stored_rows], sample_rows(stored_rows, cfg.dl_samples, cfg.seed), alive_idx,
+                               scheduler=scheduler)
+    else:
+        sampled = sparse.csc_array((0, len(alive_idx)), dtype=np.int8)
+    union_rank = rank_function(index, pieces, alive_idx, cfg.rank_rtol)
+    inp = GroupingInput(sub, sampled, index.matrix_of()[alive], union_rank)
     results = []
     for method in methods:
         reporter.message(f"grouping with {method}")

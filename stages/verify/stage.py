@@ -201,7 +201,7 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
     # on the sample of stage 1's stored inputs that grouping used. Not where rows are a sequence's positions:
     # there one head's query and key pieces fire at different positions (as for grouping's apart rule)
     unions = None
-    if n_eval == run.eval_inputs().shape[0]:
+    if run.mask_rows_are_inputs():
         alive_cols = np.flatnonzero(flat_labels >= 0)
         stored = sample_masks(run.eval_masks_dask(list(index.names)),
                               sample_rows(n_eval, group_cfg.dl_samples, group_cfg.seed), alive_cols)
