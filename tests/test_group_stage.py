@@ -59,7 +59,7 @@ def test_bad_input(id_store, tms_store):
     before = store_tree(id_store)
     for args, message in [
         (["--store", id_store, "--method", "kmeans"], "method: Input should be"),
-        (["--store", id_store, "--n-groups", "500", "--name", "fresh"], "more than the 17 alive pieces"),
+        (["--store", id_store, "--n-groups", "500", "--name", "fresh"], "more than the 9 alive pieces"),
         (["--store", id_store, "--n-groups", "0"], "n_groups: Input should be greater than 0"),
         (["--store", id_store, "--n-groups", "3"], "exists in"),  # 'spectral' was made with other settings
     ]:

@@ -139,10 +139,11 @@ def test_every_stage_group_opens_as_a_labelled_xarray_dataset(id_store, tmp_path
     expected = {
         "stage1/pieces/W": {"piece": 10, "d_out": 2, "d_in": 5},
         "stage1/eval": {"sample": 10000, "input_dim_1": 5},
-        "stage1/eval/scores": {"row": 10000, "piece": 10},
-        "stage1/eval/masks": {"row": 10000, "piece": 10},
+        # the hidden identity is kept whole (2 pieces): each matrix's piece axis is named for it
+        "stage1/eval/scores": {"row": 10000, "piece.W": 10, "piece.hidden": 2},
+        "stage1/eval/masks": {"row": 10000, "piece.W": 10, "piece.hidden": 2},
         "stage1/metrics": {"log": 22},
-        "groupings/spectral/labels": {"piece": 10},
+        "groupings/spectral/labels": {"piece.W": 10, "piece.hidden": 2},
         "target/state": {"W.weight.dim_0": 2, "W.weight.dim_1": 5, "W_T.weight.dim_0": 2, "W_T.weight.dim_1": 5,
                          "W_T.bias.dim_0": 5, "hidden.weight.dim_0": 2, "hidden.weight.dim_1": 2},
     }

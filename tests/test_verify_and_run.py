@@ -86,6 +86,7 @@ def test_verify_catches_weight_held_by_dead_pieces(grouped_id):
     dead_pieces = np.flatnonzero(labels < 0)  # the one holding the least weight is overwritten
     dead = int(dead_pieces[np.argmin([float(U[d].norm() * V[d].norm()) for d in dead_pieces])])
     W = U.T @ V  # the pieces' sum: W up to stage 1's error
+    lost = float(torch.outer(U[dead], V[dead]).norm() / W.norm())  # the overwritten piece's own term
     U[dead], V[dead] = -2 * U[p], V[p]
     U[p] *= 3
     expected_share = float((U[dead_pieces].T @ V[dead_pieces]).norm() / W.norm())
@@ -96,7 +97,7 @@ def test_verify_catches_weight_held_by_dead_pieces(grouped_id):
     assert result.exit_code == 1, result.output
     faith = open_run(grouped_id).verification("g")["checks"]["faithfulness"]
     assert not faith["passed"]
-    assert faith["figures"]["rel_error/W"] < 0.02  # the pieces still sum to W
+    assert faith["figures"]["rel_error/W"] < 0.02 + lost  # the pieces still sum to W (but for that term)
     assert faith["figures"]["set_aside_share/W"] == pytest.approx(expected_share, rel=0.02)
     assert faith["figures"]["set_aside/fraction_of_ablated"] > 0.1
     # per matrix: the hidden identity has no set-aside pieces, so W's alone make the whole condition
