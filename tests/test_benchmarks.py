@@ -34,3 +34,24 @@ def test_attribution_cost_benchmark_runs_small():
                            "--repeats", "1", "--batch", "64"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ablation" in done.stdout and "gradient (closed form)" in done.stdout
+
+
+def test_adversarial_truth_benchmark_on_an_exact_grouping(id_store, tmp_path):
+    """tms_5-2-id's default grouping is exact: the ground truth's grouping and
+    the rejoined one are the same partition, so the same mechanisms are kept."""
+    import shutil
+
+    store = tmp_path / "run.zarr"
+    shutil.copytree(id_store, store)
+    grouped = subprocess.run([sys.executable, "-m", "apdkit.cli", "group", "--store", str(store), "-q"],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert grouped.returncode == 0, grouped.stderr[-2000:]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial_truth.py"), str(store),
+                           "--rows", "256"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {cells[0]: cells[1:] for cells in (
+        [c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| grouping"))}
+    assert set(rows) == {"spectral", "ground truth", "spectral, features rejoined"}
+    mechanisms, kept = {r[0] for r in rows.values()}, {r[1] for r in rows.values()}
+    assert mechanisms == {"6"} and len(kept) == 1  # 5 features and the identity; the same top-k error
