@@ -1,9 +1,10 @@
 import dask.array as da
 import numpy as np
 import pytest
+from scipy import sparse
 
 from apdkit.stages.group.coactivation import (PieceIndex, alive_pieces, coactivation_dask, coactivation_numpy,
-                                 group_activity_counts, jaccard)
+                                 group_activity_counts, jaccard, twin_components)
 
 
 MASK = np.array([
@@ -66,3 +67,15 @@ def test_sample_masks_reads_the_chosen_rows_and_columns_chunk_by_chunk():
     assert got.format == "csc"
     assert np.array_equal(got.toarray().astype(bool), dense[[1, 4, 5, 9]][:, [0, 2, 4]])
     assert sample_masks(masks, [], np.array([0, 1])).shape == (0, 2)
+
+
+def test_twin_components_link_pieces_that_fire_together_transitively():
+    # counts 10, 10, 11, 20, 4; pairs: 0-1 Jaccard 9/11, 1-2 10/11, 3-4 4/20 (Jaccard of a piece with itself: 1)
+    counts = np.array([10, 10, 11, 20, 4])
+    co = np.diag(counts).astype(float)
+    for p, q, c in [(0, 1, 9), (1, 2, 10), (3, 4, 4)]:
+        co[p, q] = co[q, p] = c
+    labels = twin_components(sparse.csr_array(co), counts, 0.9)
+    assert labels[1] == labels[2] and len({labels[0], labels[1], labels[3], labels[4]}) == 4
+    labels = twin_components(sparse.csr_array(co), counts, 0.8)  # 9/11 = 0.82: 0-1-2 one class
+    assert labels[0] == labels[1] == labels[2] and len(set(labels.tolist())) == 3

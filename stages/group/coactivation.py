@@ -23,6 +23,7 @@ import dask.array as da
 import numpy as np
 from dask import delayed
 from scipy import sparse
+from scipy.sparse.csgraph import connected_components
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,17 @@ def group_activity_counts(masks: da.Array, labels: np.ndarray, n_groups: int, sc
 def jaccard(co: np.ndarray, count_p: np.ndarray, count_q: np.ndarray) -> np.ndarray:
     """|p and q| / |p or q| of pairs given by their co-activation and counts."""
     return co / np.maximum(count_p + count_q - co, 1)
+
+
+def twin_components(co: sparse.sparray, counts: np.ndarray, together: float) -> np.ndarray:
+    """(P,) component of each piece when pieces whose Jaccard co-activation
+    is at least ``together`` (pieces that (almost) always fire together) are
+    linked, transitively. ``co``: (P, P) co-activation counts; ``counts``:
+    (P,) activation counts."""
+    pairs = sparse.coo_array(co)
+    keep = jaccard(pairs.data.astype(np.float64), counts[pairs.row], counts[pairs.col]) >= together
+    linked = sparse.csr_array((np.ones(int(keep.sum())), (pairs.row[keep], pairs.col[keep])), shape=co.shape)
+    return connected_components(linked, directed=False)[1]
 
 
 def alive_pieces(stats: CoactivationStats, min_rate: float) -> np.ndarray:

@@ -11,10 +11,9 @@ from typing import Callable, Mapping, Union
 
 import numpy as np
 from scipy import sparse
-from scipy.sparse.csgraph import connected_components
 from sklearn.metrics import adjusted_rand_score
 
-from apdkit.stages.group.coactivation import PieceIndex
+from apdkit.stages.group.coactivation import PieceIndex, twin_components
 
 
 def numerical_rank(U: np.ndarray, V: np.ndarray, rtol: float) -> int:
@@ -148,12 +147,7 @@ def twin_classes(masks: Masks, together: float) -> np.ndarray:
     Jaccard co-activation is at least ``together`` (pieces that (almost)
     always fire together) share a class, transitively."""
     m = _columns(masks).astype(np.int64)
-    inter = (m.T @ m).tocoo()
-    counts = np.asarray(m.sum(axis=0)).ravel()
-    union = counts[inter.row] + counts[inter.col] - inter.data
-    keep = inter.data >= together * np.maximum(union, 1)
-    linked = sparse.csr_array((np.ones(int(keep.sum())), (inter.row[keep], inter.col[keep])), shape=(m.shape[1],) * 2)
-    return connected_components(linked, directed=False)[1]
+    return twin_components(m.T @ m, np.asarray(m.sum(axis=0)).ravel(), together)
 
 
 def best_split(masks: Masks, members: np.ndarray, union_rank: Callable[[np.ndarray], np.ndarray],

@@ -18,7 +18,7 @@ from sklearn.cluster import SpectralClustering
 from threadpoolctl import threadpool_limits
 
 from apdkit.stages.config import TOGETHER_MIN
-from apdkit.stages.group.coactivation import CoactivationStats, jaccard
+from apdkit.stages.group.coactivation import CoactivationStats, jaccard, twin_components
 from apdkit.stages.group.mechanisms import relabel, split_unions
 
 
@@ -372,11 +372,8 @@ def split_bridges(labels: np.ndarray, inp: GroupingInput, s: GroupingSettings) -
         return labels
     idx = np.flatnonzero(is_bridge)
     sub = inp.stats.restrict(idx)
-    J = sub.co.tocoo()
-    keep = jaccard(J.data.astype(np.float64), sub.counts[J.row], sub.counts[J.col]) >= ALWAYS_TOGETHER
-    same = sparse.csr_array((np.ones(int(keep.sum())), (J.row[keep], J.col[keep])), shape=(len(idx), len(idx)))
     out = labels.copy()
-    out[idx] = int(labels.max()) + 1 + connected_components(same, directed=False)[1]
+    out[idx] = int(labels.max()) + 1 + twin_components(sub.co, sub.counts, ALWAYS_TOGETHER)
     return relabel(out)
 
 
