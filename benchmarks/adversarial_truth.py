@@ -21,18 +21,11 @@ from apdkit import open_run
 from apdkit.core.inactive import adversarial_masks, mechanism_output_error, stochastic_masks
 from apdkit.core.pieces import membership_matrices
 from apdkit.stages.config import Stage1Config, VerifyConfig
+from apdkit.stages.group.mechanisms import relabel
 from apdkit.stages.selection import mechanism_masks
 from apdkit.stages.seeds import generator
 from apdkit.stages.target import load_from_store, matrix_settings
 from apdkit.stores.run import STAGE1
-
-
-def consecutive(flat: np.ndarray) -> tuple[np.ndarray, int]:
-    """Labels renumbered 0..G-1 (-1 kept), and G."""
-    out = flat.copy()
-    alive = flat >= 0
-    _, out[alive] = np.unique(flat[alive], return_inverse=True)
-    return out, int(out.max()) + 1
 
 
 def rejoin_features(flat: np.ndarray, dedicated: np.ndarray) -> np.ndarray:
@@ -84,7 +77,8 @@ def main() -> None:
     print("| grouping | mechanisms | top-k | typical | worst |\n|---|---|---|---|---|")
     for name, flat in groupings.items():
         gen.set_state(state)
-        labels, n_groups = consecutive(flat)
+        labels = relabel(flat)
+        n_groups = int(labels.max()) + 1
         membership = membership_matrices(dict(zip(names, np.split(labels, np.cumsum(sizes)[:-1]))), n_groups)
         _, active = mechanism_masks(model, x, pieces, gates, membership, mean_active, cfg, gen)
         active = active.float()
