@@ -97,7 +97,9 @@ def test_verify_catches_weight_held_by_dead_pieces(grouped_id):
     assert result.exit_code == 1, result.output
     faith = open_run(grouped_id).verification("g")["checks"]["faithfulness"]
     assert not faith["passed"]
-    assert faith["figures"]["rel_error/W"] < 0.02 + lost  # the pieces still sum to W (but for that term)
+    # the pieces still sum to W but for that term (stage 1's own error is ~4e-4): the set-aside condition,
+    # not the sum, is what fails
+    assert faith["figures"]["rel_error/W"] == pytest.approx(lost, abs=0.002)
     assert faith["figures"]["set_aside_share/W"] == pytest.approx(expected_share, rel=0.02)
     assert faith["figures"]["set_aside/fraction_of_ablated"] > 0.1
     # per matrix: the hidden identity has no set-aside pieces, so W's alone make the whole condition
@@ -137,7 +139,7 @@ def test_verify_catches_cancelling_pieces_in_inactive_mechanisms(grouped_id):
 
 
 def test_verify_catches_a_union_of_two_mechanisms(grouped_id):
-    """One feature's piece joined to the inserted identity's mechanism (as
+    """One feature's piece joined to the hidden identity's mechanism (as
     spectral grouping did on tms_5-2-id seed 4): the grouping is shorter to
     describe than the ungrouped pieces, but not than with the feature apart."""
     import numpy as np
