@@ -55,3 +55,27 @@ def test_adversarial_truth_benchmark_on_an_exact_grouping(id_store, tmp_path):
     assert set(rows) == {"spectral", "ground truth", "spectral, features rejoined"}
     mechanisms, kept = {r[0] for r in rows.values()}, {r[1] for r in rows.values()}
     assert mechanisms == {"6"} and len(kept) == 1  # 5 features and the identity; the same top-k error
+
+
+def test_methods_table_reads_another_grouping_and_makes_it_where_missing(id_store, tmp_path):
+    """A finished cell (its store and timing in place) is not rerun; with
+    `--grouping mdl` the table groups and verifies it with mdl and shows those
+    figures, with that time added to the cell's."""
+    import json
+    import shutil
+
+    from apdkit import open_run
+
+    store = tmp_path / "gradient" / "tms_5-2-id-0.zarr"
+    shutil.copytree(id_store, store)
+    store.with_suffix(".json").write_text(json.dumps({"wall_seconds": 1.0}))
+    out = tmp_path / "cells.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "methods_table.py"), "--dir", str(tmp_path),
+                           "--targets", "tms_5-2-id", "--seeds", "0", "--modes", "gradient", "--grouping", "mdl",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert open_run(store).groupings() == ["mdl"]  # stage 1 only before: apd run was not called again
+    cell = json.loads(out.read_text())["gradient/tms_5-2-id-0"]
+    assert cell["ari"] == 1.0 and cell["verify_passed"] == 1.0  # the exact grouping: 5 features, the identity
+    assert cell["wall_seconds"] > 1.0
+    assert "verify 1/1" in done.stdout
