@@ -69,6 +69,20 @@ def test_induction_scores_recover_the_heads_and_fail_a_merged_grouping(small_ind
     assert wrong["induction/prev_token/recovered"] == 0.0
 
 
+def test_induction_ablation_values_follow_the_layers(small_induction):
+    model = small_induction
+    pieces = exact_pieces(model.weights())
+    per_layer = {n: np.full(U.shape[0], int(n.split(".")[1])) for n, (U, V) in pieces.items()}
+    batch = induction.induction_batch(256, model.module.vocab, model.module.seq_len, torch.Generator().manual_seed(0))
+    whole = induction_scoring.function_values(model, *batch)
+    layer0, layer1 = induction_scoring.ablation_values(model, pieces, per_layer, batch)
+    # layer 1 comes after layer 0's attention pattern: ablating it leaves the pattern as it was
+    assert layer1["prev_token"] == pytest.approx(whole["prev_token"], abs=1e-5)
+    assert layer1["induction"] < 0.5 * whole["induction"]
+    assert layer0["prev_token"] < 0.5 * whole["prev_token"]
+    assert layer0["induction"] < 0.5 * whole["induction"]
+
+
 def test_induction_runs_end_to_end_with_its_scores(tmp_path, monkeypatch):
     spec = registry.TARGETS["induction"]
     small = dataclasses.replace(spec, arch=SMALL_INDUCTION, train=SMALL_INDUCTION_TRAIN,

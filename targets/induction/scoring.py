@@ -78,31 +78,41 @@ def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float]) ->
     return {f"induction/{f}/{run}": v[f] for run, v in runs.items() for f in FUNCTIONS}
 
 
+def _keep_masks(labels: Mapping[str, np.ndarray], groups: set[int], dead: bool) -> dict[str, Tensor]:
+    """Per matrix: 1 on the pieces of ``groups`` (and on the set-aside pieces,
+    label < 0, when ``dead``), 0 elsewhere."""
+    chosen = torch.tensor(sorted(groups), dtype=torch.long)
+    return {n: (torch.isin(torch.as_tensor(v), chosen) | ((torch.as_tensor(v) < 0) & dead)).float()
+            for n, v in labels.items()}
+
+
+def ablation_values(model: DecomposedModel, pieces: Pieces, labels: Mapping[str, np.ndarray],
+                    batch: tuple[Tensor, Tensor, Tensor]) -> list[dict[str, float]]:
+    """Per mechanism g: both functions with g alone ablated (every other
+    mechanism and the set-aside pieces on)."""
+    n_groups = int(max((lab.max() for lab in labels.values()), default=-1)) + 1
+    return [function_values(model, *batch, pieces=pieces, masks=_keep_masks(labels, set(range(n_groups)) - {g}, True))
+            for g in range(n_groups)]
+
+
 def mechanism_scores(model: DecomposedModel, pieces: Pieces, labels: Mapping[str, np.ndarray],
                      topk: Mapping[str, float], gen: torch.Generator) -> dict[str, float]:
     """Per function: needed mechanisms, their share in the head, the function
     with only them kept, and whether it is recovered (see the module doc)."""
     batch = _eval_batch(model, gen)
     target = function_values(model, *batch)
-    n_groups = int(max((lab.max() for lab in labels.values()), default=-1)) + 1
-    lab = {n: torch.as_tensor(v) for n, v in labels.items()}
-
-    def keep(groups: set[int], dead: bool) -> dict[str, Tensor]:
-        chosen = torch.tensor(sorted(groups), dtype=torch.long)
-        return {n: (torch.isin(v, chosen) | ((v < 0) & dead)).float() for n, v in lab.items()}
-
-    ablated = [function_values(model, *batch, pieces=pieces, masks=keep(set(range(n_groups)) - {g}, dead=True))
-               for g in range(n_groups)]
+    ablated = ablation_values(model, pieces, labels, batch)
+    n_groups = len(ablated)
     needed = {f: {g for g in range(n_groups) if ablated[g][f] < NEEDED_BELOW * target[f]} for f in FUNCTIONS}
     out: dict[str, float] = {}
     for f, head in FUNCTIONS.items():
         own = needed[f] - (needed["prev_token"] if f == "induction" else set())
-        members = keep(own, dead=False)
+        members = _keep_masks(labels, own, dead=False)
         norms = {n: float(pieces_sum(U[members[n].bool()], V[members[n].bool()]).norm() ** 2)
                  for n, (U, V) in pieces.items()}
         total = sum(norms.values())
         in_head = sum(v for n, v in norms.items() if n.startswith(head)) / total if total > 0 else 0.0
-        kept = function_values(model, *batch, pieces=pieces, masks=keep(needed[f], dead=False))[f] / max(target[f], 1e-12)
+        kept = function_values(model, *batch, pieces=pieces, masks=_keep_masks(labels, needed[f], dead=False))[f] / max(target[f], 1e-12)
         out[f"induction/{f}/needed_mechanisms"] = float(len(needed[f]))
         out[f"induction/{f}/share_in_head"] = in_head
         out[f"induction/{f}/kept_only_needed"] = kept

@@ -1,0 +1,69 @@
+"""What each induction mechanism holds and does. For finished induction runs
+and one grouping: per mechanism, its pieces per matrix, the share of its
+weight in each layer's head, and both functions (previous-token attention,
+copy accuracy) with it alone ablated, as a share of the target's; and per
+matrix, how many of its pieces each input position keeps on.
+
+    python benchmarks/induction_mechanisms.py runs/induction.zarr [more stores] --grouping mdl
+
+Why: the recovery scores say whether a head came out as its own mechanisms,
+not why not. A mechanism that spans both layers and is needed by both
+functions is the usual reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from apdkit import open_run
+from apdkit.core.pieces import pieces_sum
+from apdkit.stages.target import load_from_store
+from apdkit.targets.induction.model import induction_batch
+from apdkit.targets.induction.scoring import FUNCTIONS, NEEDED_BELOW, ablation_values, function_values
+
+
+def describe(path: str, grouping: str, sequences: int = 512) -> None:
+    run = open_run(path)
+    target = load_from_store(run)
+    model, module = target.model, target.module
+    pieces, labels = run.pieces(), run.grouping(grouping)
+    batch = induction_batch(sequences, module.vocab, module.seq_len, torch.Generator().manual_seed(0))
+    whole = function_values(model, *batch)
+    ablated = ablation_values(model, pieces, labels, batch)
+    attribution = run.config("stage1").get("attribution", "gradient")
+    print(f"{path} ({attribution}, {grouping}: {len(ablated)} mechanisms); target prev-token "
+          f"{whole['prev_token']:.3f}, copy {whole['induction']:.3f}")
+    masks = run.masks()
+    active = {n: float(np.asarray(masks[n][:4096]).sum(axis=1).mean()) for n in pieces}
+    print("  pieces on per position: " + ", ".join(f"{n} {a:.1f}/{pieces[n][0].shape[0]}" for n, a in active.items()))
+    print("  mechanism | pieces per matrix | weight share layer 0 / 1 | prev-token, copy with it ablated | needed by")
+    for g, values in enumerate(ablated):
+        held, norms = [], {}
+        for n, (U, V) in pieces.items():
+            mine = torch.as_tensor(labels[n] == g)
+            if mine.any():
+                held.append(f"{n.removeprefix('layers.')}×{int(mine.sum())}")
+                norms[n] = float(pieces_sum(U[mine], V[mine]).norm() ** 2)
+        total = sum(norms.values()) or 1.0
+        share = [sum(v for n, v in norms.items() if n.startswith(head)) / total for head in FUNCTIONS.values()]
+        ratio = {f: values[f] / max(whole[f], 1e-12) for f in FUNCTIONS}
+        needed = [f for f in FUNCTIONS if ratio[f] < NEEDED_BELOW] or ["-"]
+        print(f"  {g:3d} | {' '.join(held)} | {share[0]:.2f} / {share[1]:.2f} | "
+              f"{ratio['prev_token']:.2f}, {ratio['induction']:.2f} | {', '.join(needed)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stores", nargs="+")
+    parser.add_argument("--grouping", default="mdl")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for path in args.stores:
+        describe(path, args.grouping)
+
+
+if __name__ == "__main__":
+    main()
