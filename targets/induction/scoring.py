@@ -112,7 +112,8 @@ def mechanism_scores(model: DecomposedModel, pieces: Pieces, labels: Mapping[str
                  for n, (U, V) in pieces.items()}
         total = sum(norms.values())
         in_head = sum(v for n, v in norms.items() if n.startswith(head)) / total if total > 0 else 0.0
-        kept = function_values(model, *batch, pieces=pieces, masks=_keep_masks(labels, needed[f], dead=False))[f] / max(target[f], 1e-12)
+        only_needed = _keep_masks(labels, needed[f], dead=False)
+        kept = function_values(model, *batch, pieces=pieces, masks=only_needed)[f] / max(target[f], 1e-12)
         out[f"induction/{f}/needed_mechanisms"] = float(len(needed[f]))
         out[f"induction/{f}/share_in_head"] = in_head
         out[f"induction/{f}/kept_only_needed"] = kept
