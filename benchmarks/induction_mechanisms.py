@@ -7,8 +7,9 @@ matrix, how many of its pieces each input position keeps on.
     python benchmarks/induction_mechanisms.py runs/induction.zarr [more stores] --grouping mdl
 
 Why: the recovery scores say whether a head came out as its own mechanisms,
-not why not. A mechanism that spans both layers and is needed by both
-functions is the usual reason.
+not why not. The reasons measured so far: a mechanism that joins matrices of
+both layers, or layer 0's V and O apart from its Q and K (the copy then
+needs layer-0 mechanisms the previous-token attention does not).
 """
 
 from __future__ import annotations

@@ -82,8 +82,8 @@ def _keep_masks(labels: Mapping[str, np.ndarray], groups: set[int], dead: bool) 
     """Per matrix: 1 on the pieces of ``groups`` (and on the set-aside pieces,
     label < 0, when ``dead``), 0 elsewhere."""
     chosen = torch.tensor(sorted(groups), dtype=torch.long)
-    return {n: (torch.isin(torch.as_tensor(v), chosen) | ((torch.as_tensor(v) < 0) & dead)).float()
-            for n, v in labels.items()}
+    as_tensors = {n: torch.as_tensor(v) for n, v in labels.items()}
+    return {n: (torch.isin(v, chosen) | ((v < 0) & dead)).float() for n, v in as_tensors.items()}
 
 
 def ablation_values(model: DecomposedModel, pieces: Pieces, labels: Mapping[str, np.ndarray],
