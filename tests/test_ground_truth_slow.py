@@ -47,8 +47,9 @@ def test_resid_mlp_run_passes_every_verify_check(tmp_path):
     assert verification["passed"], {c: v["figures"] for c, v in verification["checks"].items() if not v["passed"]}
 
 
-def test_resid_mlp3_run_passes_verify_with_every_feature_dedicated_and_none_merged(tmp_path):
-    run = run_all(tmp_path, "resid_mlp3")
+@pytest.mark.parametrize("seed", [0, 1])  # seed 1 failed the adversarial check at 3,000 stage-1 steps
+def test_resid_mlp3_run_passes_verify_with_every_feature_dedicated_and_none_merged(tmp_path, seed):
+    run = run_all(tmp_path, "resid_mlp3", "--seed", seed)
     verification = run.verification("spectral")
     assert verification["passed"], {c: v["figures"] for c, v in verification["checks"].items() if not v["passed"]}
     assert run.scores()["resid/dedicated_features"] >= 98
