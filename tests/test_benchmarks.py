@@ -79,3 +79,11 @@ def test_methods_table_reads_another_grouping_and_makes_it_where_missing(id_stor
     assert cell["ari"] == 1.0 and cell["verify_passed"] == 1.0  # the exact grouping: 5 features, the identity
     assert cell["wall_seconds"] > 1.0
     assert "verify 1/1" in done.stdout
+
+
+def test_mdl_speed_benchmark_runs_on_a_store(id_store):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mdl_speed.py"), str(id_store)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith(f"| {id_store}"))
+    assert row.split("|")[4].strip() == "6"  # mechanisms: tms_5-2-id's 5 features and the identity

@@ -157,6 +157,26 @@ def test_without_the_apart_rule_methods_join_features():
     assert feature_merges(group_pieces("louvain", _input_from_masks(star), off), ded_star)["merged_features"] == 3
 
 
+@pytest.mark.parametrize("same_direction, expected", [(False, [0, 1, 2, 2]), (True, [0, 0, 1, 1])])
+def test_mdl_checks_the_exact_rank_then_goes_on_to_the_next_pair(same_direction, expected):
+    # pieces 0 and 1 share 20 of their 35 inputs each, 2 and 3 share 12 of 15. The rank-1 lower bound ranks
+    # 0+1 first (-153 bits against -108); in two directions their exact length rises by 47 bits, so mdl
+    # rejects them and merges 2+3 next, from the same screened pairs; in one direction it merges both pairs
+    m = np.zeros((68, 4), dtype=bool)
+    m[0:20, [0, 1]] = m[20:35, [0]] = m[35:50, [1]] = True
+    m[50:62, [2, 3]] = m[62:65, [2]] = m[65:68, [3]] = True
+    direction = np.array([0, 0 if same_direction else 1, 2, 2])
+    checked = []
+
+    def union_rank(positions):
+        checked.append(sorted(positions.tolist()))
+        return np.array([len(np.unique(direction[positions]))])
+
+    labels = METHODS["mdl"](GroupingInput(coactivation_numpy(m), m, np.zeros(4, dtype=int), union_rank),
+                            GroupingSettings())
+    assert labels.tolist() == expected
+    assert checked[4:] == [[0, 1], [2, 3]]  # after the four single pieces: the pairs, best bound first
+
 def test_bridges_on_a_small_case():
     # as test_apart_pairs_on_a_small_case, plus H2: rows 0-2 (with A on both of A's rows, with B on one of B's)
     rows = np.zeros((10, 6), dtype=bool)

@@ -225,26 +225,29 @@ def mdl(inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
         raise GroupingError(f"mdl holds dense groups x groups matrices: at most {MDL_MAX_PIECES} alive pieces "
                             f"(here {P}); use spectral or louvain")
     masks = inp.sample_masks.toarray() if sparse.issparse(inp.sample_masks) else inp.sample_masks
-    masks = masks.astype(bool)
+    # 0/1 as floats, so the counts go through BLAS (an int64 product of 16,384 rows x 1,024 pieces took
+    # minutes, a float one under a second); float32 sums of 0/1 are exact below 2**24 rows
+    active = masks.astype(np.float32 if masks.shape[0] < 2**24 else np.float64)  # (n, G): is any member active
     members = [np.array([p]) for p in range(P)]
     ranks = np.stack([inp.union_rank(m) for m in members])  # (G, n_matrices)
-    active = masks.copy()  # (n, G): is any member active
-    s_g = active.sum(0).astype(np.float64)
-    co = (active.T.astype(np.int64) @ active.astype(np.int64)).astype(np.float64)
+    co = (active.T @ active).astype(np.float64)
+    s_g = np.diag(co).copy()
     rejected: set[tuple[int, int]] = set()
     alpha = s.alpha
+    delta_lower = None  # kept while only rejections happen: a rejection changes nothing but its own pair
     while len(members) > 1:
         G = len(members)
-        S = s_g.sum()
-        r_tot = ranks.sum(1).astype(np.float64)
-        lower_r = np.maximum(ranks[:, None, :], ranks[None, :, :]).sum(-1)
-        base = math.log2(G - 1) * (S - co) - math.log2(G) * S
-        delta_lower = base + alpha * ((s_g[:, None] + s_g[None, :] - co) * lower_r
-                                      - s_g[:, None] * r_tot[:, None] - s_g[None, :] * r_tot[None, :])
-        delta_lower[np.tril_indices(G)] = np.inf
-        delta_lower[co == 0] = np.inf
-        for g, h in rejected:
-            delta_lower[g, h] = np.inf
+        if delta_lower is None:
+            S = s_g.sum()
+            r_tot = ranks.sum(1).astype(np.float64)
+            lower_r = np.maximum(ranks[:, None, :], ranks[None, :, :]).sum(-1)
+            base = math.log2(G - 1) * (S - co) - math.log2(G) * S
+            delta_lower = base + alpha * ((s_g[:, None] + s_g[None, :] - co) * lower_r
+                                          - s_g[:, None] * r_tot[:, None] - s_g[None, :] * r_tot[None, :])
+            delta_lower[np.tril_indices(G)] = np.inf
+            delta_lower[co == 0] = np.inf
+            for g, h in rejected:
+                delta_lower[g, h] = np.inf
         g, h = np.unravel_index(np.argmin(delta_lower), delta_lower.shape)
         if not delta_lower[g, h] < 0:
             break
@@ -254,22 +257,25 @@ def mdl(inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
                                       - s_g[g] * r_tot[g] - s_g[h] * r_tot[h])
         if exact >= 0:
             rejected.add((int(g), int(h)))
+            delta_lower[g, h] = np.inf
             continue
         # merge h into g
         members[g] = union
         ranks[g] = r_union
-        active[:, g] |= active[:, h]
+        np.maximum(active[:, g], active[:, h], out=active[:, g])
         keep = [i for i in range(G) if i != h]
         members = [members[i] for i in keep]
         ranks = ranks[keep]
-        active = active[:, keep]
-        s_g = active.sum(0).astype(np.float64)
+        active = np.delete(active, h, axis=1)
         g_new = g if g < h else g - 1
-        row = (active.T.astype(np.int64) @ active[:, g_new].astype(np.int64)).astype(np.float64)
+        row = (active.T @ active[:, g_new]).astype(np.float64)
+        s_g = s_g[keep]
+        s_g[g_new] = row[g_new]
         co = co[np.ix_(keep, keep)]
         co[g_new, :] = row
         co[:, g_new] = row
         rejected = {(a - (a > h), b - (b > h)) for a, b in rejected if h not in (a, b) and g not in (a, b)}
+        delta_lower = None
     labels = np.empty(P, dtype=np.int64)
     for gi, m in enumerate(members):
         labels[m] = gi
