@@ -177,6 +177,7 @@ def test_mdl_checks_the_exact_rank_then_goes_on_to_the_next_pair(same_direction,
     assert labels.tolist() == expected
     assert checked[4:] == [[0, 1], [2, 3]]  # after the four single pieces: the pairs, best bound first
 
+
 def test_bridges_on_a_small_case():
     # as test_apart_pairs_on_a_small_case, plus H2: rows 0-2 (with A on both of A's rows, with B on one of B's)
     rows = np.zeros((10, 6), dtype=bool)
