@@ -10,20 +10,27 @@ from apdkit.stores.run import STAGE1, STAGES, TARGET, Run
 # the scores `apd status` shows, of those a target's ground truth gives
 STAGE1_HEADLINES = ("tms/mmcs", "tms/grouped_ml2r", "resid/dedicated", "faithfulness", "induction/prev_token/active",
                     "induction/induction/active", "modadd/pieces/mean_purity", "tiny_lm/pieces/ce_recovered")
+FAITHFULNESS_KEY = "faithfulness_rel_error/"  # stage 1's per-matrix |W - sum of pieces| / |W|
 GROUP_HEADLINES = ("ari", "induction/prev_token/recovered", "induction/induction/recovered", "modadd/mean_purity",
                    "modadd/dedicated_key_fraction", "tiny_lm/l0_per_token", "tiny_lm/ce_recovered")
 
 
 def missed_criteria(store: Path, scores: dict[str, float]) -> list[str]:
-    """The scores that miss the store's built-in target's recovery criteria."""
+    """The scores that miss the store's built-in target's recovery criteria,
+    and, for any target, a matrix whose pieces miss its weights by more than
+    verify's default faithfulness threshold (so stage 1 says at once what
+    verify will fail)."""
+    from apdkit.stages.config import VerifyConfig
     from apdkit.targets.load import TargetRef
     from apdkit.targets.spec import missed_criteria as missed
 
+    faithfulness_max = VerifyConfig.model_fields["faithfulness_max"].default
+    generic = missed(scores, {}, {k: faithfulness_max for k in scores if k.startswith(FAITHFULNESS_KEY)})
     run = Run(store)
     if run.status(TARGET) != "done":
-        return []
+        return generic
     spec = TargetRef.from_dict(run.target_ref()).builtin
-    return missed(scores, spec.criteria, spec.criteria_max) if spec is not None else []
+    return (missed(scores, spec.criteria, spec.criteria_max) if spec is not None else []) + generic
 
 
 def _took(attrs: dict) -> str:

@@ -107,7 +107,8 @@ def test_induction_runs_end_to_end_with_its_scores(tmp_path, monkeypatch):
     assert len(flagged) == len(set(flagged))  # verify's scores and the grouping's same ones: flagged once
     status = CliRunner().invoke(app, ["status", str(store)])
     assert status.exit_code == 0, status.output
-    assert ("MISSED" in status.output) == bool(missed)
+    drifted = any(v > 0.02 for k, v in stage1.items() if k.startswith("faithfulness_rel_error/"))
+    assert ("MISSED" in status.output) == bool(missed or drifted)
 
 
 def test_missed_criteria_names_each_score_below_its_criterion():

@@ -233,3 +233,23 @@ def test_tiny_gpt2_from_a_local_path_by_name(tmp_path, monkeypatch):
     assert run.attrs("stage1")["matrices"]["transformer.h.0.mlp.c_fc"]["shape"] == [16, 64]  # Conv1D: (in, out)
     assert run.masks()["transformer.h.0.mlp.c_fc"].shape == (32 * 8, 16)
     assert type(run.target()).__name__ == "GPT2LMHeadModel"
+
+
+def test_stage1_flags_pieces_that_miss_their_weights_for_any_model(tmp_path, monkeypatch):
+    # no faithfulness term and no warm start: the pieces are free to drift off W, which verify would fail
+    monkeypatch.chdir(ROOT)
+    store = tmp_path / "drift.zarr"
+    cfg = _write_config(tmp_path / "c.yaml", dict(PARTS_CONFIG, steps=50, warm_start_steps=0, faithfulness_coeff=0.0,
+                                                  eval_samples=500))
+    result = apd("stage1", "--model", "tests.user_models:build_parts_mlp", "--data", "tests.user_models:sample_parts",
+                 "--modules", "fc_in", "--modules", "fc_out", "--config", cfg, "--store", store, "-q")
+    assert result.exit_code == 0, result.output
+    errors = {k.split("/", 1)[1]: v for k, v in apdkit.open_run(store).scores().items()
+              if k.startswith("faithfulness_rel_error/")}
+    assert set(errors) == {"fc_in", "fc_out"} and min(errors.values()) > 0.02, errors
+    for name in errors:
+        assert f"MISSED: faithfulness_rel_error/{name} = " in result.output
+        assert "misses its criterion <= 0.02" in result.output
+    status = apd("status", "--store", store)
+    assert status.exit_code == 0 and status.output.count("MISSED") == 1, status.output  # one row: stage 1's
+    assert "faithfulness_rel_error/fc_in" in status.output.split("MISSED", 1)[1]
