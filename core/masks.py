@@ -42,5 +42,5 @@ def score_inputs(model: DecomposedModel, x: Tensor, pieces: Pieces, topk: Mappin
 def active_output_error(model: DecomposedModel, x: Tensor, pieces: Pieces, masks: Mapping[str, Tensor]) -> Tensor:
     """Per input row: output MSE against the target with only the masked-on pieces."""
     target = model.forward(x).output
-    out = model.run(x, pieces, {n: m.to(x.dtype) for n, m in masks.items()}).output
+    out = model.run(x, pieces, {n: m.float() for n, m in masks.items()}).output  # not x.dtype: tokens are integers
     return ((out - target) ** 2).mean(dim=1)

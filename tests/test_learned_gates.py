@@ -11,9 +11,11 @@ from apdkit.core.gates import (LEAK, gate_from_logits, gate_logits, gates_of, in
                                 stochastic_piece_masks)
 from apdkit.core.model import DecomposedModel
 from apdkit.stages.config import resolve_stage1
+from apdkit.stages.stage1.objective import learned_objective
 from apdkit.stages.stage1.train import new_state, train
 from apdkit.stages.target import builtin_target, matrix_settings
 from apdkit.targets.registry import TARGETS
+from tests.user_models import TinyTransformer
 
 
 def test_gate_is_a_clamp_whose_gradient_leaks_only_below_zero():
@@ -171,3 +173,33 @@ def test_a_mechanism_is_gated_by_its_largest_piece_gate():
     g = gate_values(params, x @ V.T)
     assert torch.allclose(scores[:, 0], g[:, 1]) and torch.allclose(scores[:, 1], torch.maximum(g[:, 0], g[:, 2]))
     assert torch.equal(active, scores > cfg.gate_threshold)
+
+
+def test_partial_masks_stay_partial_on_a_token_model():
+    """A token model's inputs are integers: the masks g + (1 - g) u must reach
+    it as fractions. (Cast to the input's dtype they were truncated to 0, so
+    every gate of induction and tiny_lm closed within the first steps.)"""
+    torch.manual_seed(0)
+    model = DecomposedModel(TinyTransformer(vocab=16, d=8, heads=2, seq=4).eval(), ["blocks.*.attn.*"])
+    weights = model.weights()
+    U, V = {}, {}
+    for name, w in weights.items():  # exact pieces: the SVD
+        A, S, Bt = torch.linalg.svd(w, full_matrices=False)
+        U[name], V[name] = (A * S).T.contiguous(), Bt.contiguous()
+    C = {n: u.shape[0] for n, u in U.items()}
+    half_open = {n: {"w1": torch.zeros(c, 4), "b1": torch.zeros(c, 4), "w2": torch.zeros(c, 4),
+                     "b2": torch.full((c,), 0.5)} for n, c in C.items()}  # every gate 0.5 on every row
+    x = torch.randint(16, (6, 4), generator=torch.Generator().manual_seed(2))
+    assert not x.is_floating_point()
+    losses = learned_objective(model, x, weights, U, V, half_open, {"learned_faithfulness": 1.0, "hidden": 0.0,
+                                                                    "importance": 0.0}, 1.0,
+                               torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the same draws by hand: 0.5 + 0.5 u, matrix by matrix
+    masks = {n: 0.5 + 0.5 * torch.rand((x.numel(), c), generator=gen) for n, c in C.items()}
+    pieces = {n: (U[n], V[n]) for n in U}
+    with torch.no_grad():
+        target = model.forward(x).output
+        error = ((model.run(x, pieces, masks).output - target) ** 2).mean()
+        ablated = ((model.run(x, pieces, {n: torch.zeros(x.numel(), c) for n, c in C.items()}).output - target) ** 2).mean()
+    assert 0.001 < float(error / ablated) < 0.5  # partial masks: far from the ablated error
+    assert torch.allclose(losses["minimality"], error / ablated, rtol=1e-4)

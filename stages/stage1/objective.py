@@ -20,6 +20,13 @@ from apdkit.core.model import DecomposedModel
 LOSS_NAMES = ("total", "faithfulness", "minimality", "hidden", "simplicity", "stochastic", "set_aside", "importance")
 
 
+def mask_dtype(U: Mapping[str, Tensor]) -> torch.dtype:
+    """The dtype masks are cast to: the pieces' (a floating one), never the
+    input's, which for token models is an integer one that would truncate a
+    partial mask such as g + (1 - g) u to 0."""
+    return next(iter(U.values())).dtype
+
+
 def faithfulness_loss(weights: Mapping[str, Tensor], U: Mapping[str, Tensor], V: Mapping[str, Tensor]) -> Tensor:
     n_weights = sum(w.numel() for w in weights.values())
     return sum(((weights[n] - U[n].T @ V[n]) ** 2).sum() for n in weights) / n_weights
@@ -44,24 +51,25 @@ def objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], 
     n_weights = sum(w.numel() for w in weights.values())
     faith = faithfulness_loss(weights, U, V)
     pieces = {n: (U[n].detach(), V[n].detach()) for n in U}
+    dtype = mask_dtype(U)
     with torch.autocast(x.device.type, dtype=low_precision or torch.bfloat16, enabled=low_precision is not None):
         scores, target = attributions(model, x, pieces, max_exact_outputs, probes, gen, timer, attribution,
                                       integration_steps)
         with timer("top-k forward"):
             masks = select({n: v.float() for n, v in scores.items()}, topk)
-            fwd = model.run(x, {n: (U[n], V[n]) for n in U}, {n: m.to(x.dtype) for n, m in masks.items()},
+            fwd = model.run(x, {n: (U[n], V[n]) for n in U}, {n: m.to(dtype) for n, m in masks.items()},
                             hidden=bool(target.hidden))
         stochastic = torch.zeros((), device=x.device)
         if coeffs.get("stochastic", 0.0) > 0:
             # the inactive pieces at random partial values must not matter either (verify's stochastic check)
-            noisy = stochastic_piece_masks({n: m.to(x.dtype) for n, m in masks.items()}, gen)
+            noisy = stochastic_piece_masks({n: m.to(dtype) for n, m in masks.items()}, gen)
             out = model.run(x, {n: (U[n], V[n]) for n in U}, noisy).output
             stochastic = torch.nn.functional.mse_loss(out.float(), target.output.float())
         set_aside = torch.zeros((), device=x.device)
         if coeffs.get("set_aside", 0.0) > 0:
             # every piece the batch selects on, the others off: the weight no input uses must be inert (verify's
             # set-aside condition, with the batch, or a data-parallel replica's rows, standing in for the data)
-            used = {n: m.amax(0, keepdim=True).expand_as(m).to(x.dtype) for n, m in masks.items()}
+            used = {n: m.amax(0, keepdim=True).expand_as(m).to(dtype) for n, m in masks.items()}
             out = model.run(x, {n: (U[n], V[n]) for n in U}, used).output
             set_aside = torch.nn.functional.mse_loss(out.float(), target.output.float())
     minimality = torch.nn.functional.mse_loss(fwd.output.float(), target.output.float())
@@ -69,7 +77,7 @@ def objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, Tensor], 
                   for h in target.hidden), torch.zeros((), device=x.device))
     # Schatten-p of a rank-1 piece is its one singular value |U[c]| (V unit).
     rows = fwd.output.shape[0]
-    simplicity = sum((masks[n].sum(0).to(x.dtype) * U[n].norm(dim=1).pow(schatten_p)).sum() for n in U) \
+    simplicity = sum((masks[n].sum(0).to(dtype) * U[n].norm(dim=1).pow(schatten_p)).sum() for n in U) \
         / (n_weights * rows)
     total = (coeffs["faithfulness"] * faith + coeffs["minimality"] * minimality + coeffs["hidden"] * hidden
              + coeffs["simplicity"] * simplicity_weight * simplicity + coeffs.get("stochastic", 0.0) * stochastic
@@ -103,7 +111,7 @@ def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, T
         z = {n: gate_logits(gates[n], inner[n].detach().float()) for n in U if n in gates}
         g = open_identities(model, {n: gate_from_logits(z[n]) if n in z else torch.ones_like(inner[n].float())
                                     for n in U})
-        fwd = model.run(x, live, {n: m.to(x.dtype) for n, m in stochastic_piece_masks(g, gen).items()},
+        fwd = model.run(x, live, {n: m.to(mask_dtype(U)) for n, m in stochastic_piece_masks(g, gen).items()},
                         hidden=bool(target.hidden))
         with torch.no_grad():
             ablated = model.run(x, live, {n: torch.zeros_like(v) for n, v in g.items()}).output
