@@ -3,7 +3,7 @@ matrix, over blocks of rows as in training."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -11,6 +11,18 @@ from torch import Tensor
 from apdkit.core.attributions import attributions
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import Pieces, batch_topk_mask
+
+
+# inputs -> {matrix: (rows, C) bool}: the pieces each row uses, as the run decides it (stages/selection.py)
+Activity = Callable[[Tensor], dict[str, Tensor]]
+
+
+def active_masks(model: DecomposedModel, x: Tensor, pieces: Pieces, topk: Mapping[str, float], block: int,
+                 active: Activity | None) -> dict[str, Tensor]:
+    """The pieces active on each row of ``x``: ``active``'s answer where the
+    run gives one (learned gates), else the batch top-k at ``topk`` of
+    gradient attributions over blocks of ``block`` inputs."""
+    return active(x) if active is not None else score_inputs(model, x, pieces, topk, block)[1]
 
 
 def topk_masks(scores: Mapping[str, Tensor], topk: Mapping[str, float]) -> dict[str, Tensor]:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from apdkit.core.attributions import mechanism_attributions
 from apdkit.core.gates import gate_masks
-from apdkit.core.masks import score_inputs
+from apdkit.core.masks import Activity, score_inputs
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import Pieces, batch_topk_mask
 from apdkit.stages.config import Stage1Config
@@ -31,6 +31,15 @@ def piece_masks(model: DecomposedModel, x: Tensor, pieces: Pieces, gates: Gates,
         return gate_masks(model, x, pieces, gates, cfg.gate_threshold, cfg.batch_size)
     return score_inputs(model, x, pieces, topk, cfg.batch_size, cfg.max_exact_outputs, cfg.attribution_probes, gen,
                         attribution or cfg.attribution, cfg.integration_steps)
+
+
+def scorer_activity(model: DecomposedModel, pieces: Pieces, gates: Gates, cfg: Stage1Config) -> Activity | None:
+    """What the ground-truth scorers count as a row's active pieces: with
+    learned gates, those above the threshold; in top-k mode None, so a scorer
+    takes the batch top-k at the target's k over its own blocks."""
+    if cfg.minimality != "learned":
+        return None
+    return lambda x: gate_masks(model, x, pieces, gates, cfg.gate_threshold, cfg.batch_size)[1]
 
 
 @torch.no_grad()

@@ -38,12 +38,15 @@ class TargetSpec:
     stage1: dict[str, Any] = field(default_factory=dict)
     fast_sites: Callable | None = None
     # Ground truth, for toys that have one (see targets/tms/scoring.py):
-    # scores(model, pieces, topk) -> {name: float}; truth_labels(model, pieces, topk, names) -> labels
+    # scores(model, pieces, topk, active=None) -> {name: float}; truth_labels(model, pieces, topk, names) -> labels.
+    # active (core/masks.py Activity): the pieces each row uses as the run decides it (learned gates), for the
+    # scores that run the model on its active pieces (induction, tiny_lm); None: the batch top-k at topk. The toys'
+    # one-hot probes keep their own top-k in both modes (targets/probes.py), so they take and ignore it
     scores: Callable | None = None
     truth_labels: Callable | None = None
     # dedicated_labels(model, pieces, topk, names) -> (P,) the feature each piece alone serves, -1 if none
     dedicated_labels: Callable | None = None
-    # mechanism_scores(model, pieces, labels {matrix: (C,) int}, topk, generator) -> {name: float}: a
+    # mechanism_scores(model, pieces, labels {matrix: (C,) int}, topk, generator, active=None) -> {name: float}: a
     # grouping's ground-truth scores, for targets whose answer is about mechanisms (induction, modadd, tiny_lm)
     mechanism_scores: Callable | None = None
     figures: Callable | None = None  # figures(model, pieces, labels, n_groups) -> [(title, html)]

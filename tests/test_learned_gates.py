@@ -203,3 +203,22 @@ def test_partial_masks_stay_partial_on_a_token_model():
         ablated = ((model.run(x, pieces, {n: torch.zeros(x.numel(), c) for n, c in C.items()}).output - target) ** 2).mean()
     assert 0.001 < float(error / ablated) < 0.5  # partial masks: far from the ablated error
     assert torch.allclose(losses["minimality"], error / ablated, rtol=1e-4)
+
+
+def test_ground_truth_scorers_count_the_gates_in_the_learned_mode():
+    """The scores that run a model on its active pieces (induction, tiny_lm) are
+    told the run's own activity: gates above the threshold; top-k mode leaves
+    them their batch top-k."""
+    from apdkit.stages.selection import scorer_activity
+
+    target, cfg, _, state, x = _fresh_learned_state("resid_mlp", 16)
+    pieces = state.pieces()
+    gates = {n: dict(p, b2=torch.linspace(-0.6, 0.6, len(p["b2"]))) for n, p in state.gate_params().items()}
+    active = scorer_activity(target.model, pieces, gates, cfg)
+    g, _ = gates_of(target.model, x, pieces, gates)
+    got = active(x)
+    assert set(got) == set(pieces)
+    for n in gates:
+        assert 0 < got[n].float().mean() < 1  # some pieces on, some off
+        assert torch.equal(got[n], g[n] > cfg.gate_threshold)
+    assert scorer_activity(target.model, pieces, {}, cfg.model_copy(update={"minimality": "topk"})) is None

@@ -191,6 +191,10 @@ def test_tiny_lm_scores_are_exact_on_a_known_decomposition(monkeypatch):
     labels = singleton_labels(pieces)
     everything = {n: float(U.shape[0]) for n, (U, V) in pieces.items()}  # every piece active on every token
     got = tiny_lm_scoring.mechanism_scores(model, pieces, labels, everything, torch.Generator().manual_seed(3))
+    # the run's own activity (learned gates) overrides the top-k: here no piece on any token
+    nothing = tiny_lm_scoring.mechanism_scores(
+        model, pieces, labels, everything, torch.Generator().manual_seed(3),
+        active=lambda x: {n: torch.zeros(x.numel(), U.shape[0], dtype=torch.bool) for n, (U, V) in pieces.items()})
     tokens = tiny_lm.windows(tiny_lm.corpus_split(held_out=True), tiny_lm_scoring.EVAL_WINDOWS, 8,
                              torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -204,3 +208,5 @@ def test_tiny_lm_scores_are_exact_on_a_known_decomposition(monkeypatch):
     assert abs(ablated - target) > 0.1
     assert got["tiny_lm/ce_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert got["tiny_lm/l0_per_token"] == pytest.approx(sum(len(v) for v in labels.values()))
+    assert nothing["tiny_lm/ce_active"] == pytest.approx(ablated, rel=1e-5)
+    assert nothing["tiny_lm/l0_per_token"] == 0 and nothing["tiny_lm/ce_recovered"] == pytest.approx(0.0, abs=1e-4)

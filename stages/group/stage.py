@@ -20,7 +20,7 @@ from apdkit.stages.group.methods import (METHODS, GroupingError, GroupingInput, 
                                          splits_apply)
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
-from apdkit.stages.selection import Gates, piece_masks
+from apdkit.stages.selection import Gates, piece_masks, scorer_activity
 from apdkit.stages.target import Target, load_from_store, matrix_settings
 from apdkit.stores.run import STAGE1, TARGET, Run, RunStore, grouping_path, writer_lock
 
@@ -170,7 +170,9 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
         reporter.message("scoring mechanisms against the ground truth")
         _, topk = matrix_settings(target, stage1_cfg)
         summary["scores"] = target.builtin.mechanism_scores(target.model, pieces_t, index.split(labels), topk,
-                                                            generator(stage1_cfg.seed, "truth"))
+                                                            generator(stage1_cfg.seed, "truth"),
+                                                            scorer_activity(target.model, pieces_t, run.gates(),
+                                                                            stage1_cfg))
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     store = RunStore(store_path, run.model_name)
     store.write_grouping(name, index.split(labels), **summary)

@@ -19,7 +19,7 @@ from apdkit.stages.device import resolve_device
 from apdkit.stages.errors import StageError
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
-from apdkit.stages.selection import Gates, piece_masks
+from apdkit.stages.selection import Gates, piece_masks, scorer_activity
 from apdkit.stages.stage1.parallel import Replicas, replicas_from_env
 from apdkit.stages.stage1.train import DecompositionState, NonFiniteLoss, Sampler, new_state, total_steps, train
 from apdkit.stages.target import Target, ensure_target, load_from_store, load_state_file, matrix_settings, prepare
@@ -252,7 +252,8 @@ def write_evaluation(store: RunStore, target: Target, cfg: Stage1Config, topk: d
         out[f"alive_pieces/{name}"] = float((counts > 0).sum())
     spec = target.builtin
     if target.has_ground_truth:
-        out.update(spec.scores(model, cpu_pieces, topk))
+        cpu_gates = {n: {k: t.cpu() for k, t in g.items()} for n, g in gates.items()}
+        out.update(spec.scores(model, cpu_pieces, topk, scorer_activity(model, cpu_pieces, cpu_gates, cfg)))
     return out
 
 

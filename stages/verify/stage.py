@@ -37,7 +37,7 @@ from apdkit.stages.group.mechanisms import (description_length, identity_mechani
 from apdkit.stages.group.methods import ALWAYS_TOGETHER
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
-from apdkit.stages.selection import mechanism_masks, piece_masks
+from apdkit.stages.selection import mechanism_masks, piece_masks, scorer_activity
 from apdkit.stages.target import Target, load_from_store, matrix_settings
 from apdkit.stores.run import STAGE1, TARGET, Run, RunStore, grouping_path, writer_lock
 
@@ -298,7 +298,8 @@ def _run_verify_locked(store_path: Path, cfg: VerifyConfig, reporter: Reporter |
         # on fresh inputs, beside the checks: ground truth is not a verdict on a user's model
         reporter.message("scoring mechanisms against the ground truth on fresh inputs")
         result["truth"] = target.builtin.mechanism_scores(model, pieces, labels, topk, generator(stage1_cfg.seed, "truth",
-                                                                                           1 + cfg.seed))
+                                                                                           1 + cfg.seed),
+                                                          scorer_activity(model, pieces, run.gates(), stage1_cfg))
     result["wall_seconds"] = round(time.perf_counter() - started, 3)
     RunStore(store_path, run.model_name).write_verify(name, result)
     return result

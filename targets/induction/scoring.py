@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from apdkit.core.masks import score_inputs
+from apdkit.core.masks import Activity, active_masks
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import Pieces, pieces_sum
 from apdkit.targets.induction.model import induction_batch
@@ -62,16 +62,18 @@ def _eval_batch(model: DecomposedModel, gen: torch.Generator) -> tuple[Tensor, T
     return induction_batch(EVAL_SEQUENCES, m.vocab, m.seq_len, gen)
 
 
-def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float]) -> dict[str, float]:
+def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float],
+           active: Activity | None = None) -> dict[str, float]:
     """Stage 1: each function with the target, all pieces, only each row's
-    active (top-k) pieces, and every piece ablated."""
+    active pieces (``active``'s, else the top-k at ``topk``), and every piece
+    ablated."""
     batch = _eval_batch(model, torch.Generator().manual_seed(0))
     tokens = batch[0]
-    _, active = score_inputs(model, tokens, pieces, topk, block=64)
+    used = active_masks(model, tokens, pieces, topk, 64, active)
     runs = {
         "target": function_values(model, *batch),
         "all_pieces": function_values(model, *batch, pieces=pieces),
-        "active_pieces": function_values(model, *batch, pieces=pieces, masks=active),
+        "active_pieces": function_values(model, *batch, pieces=pieces, masks=used),
         "ablated": function_values(model, *batch, pieces=pieces,
                                    masks={n: torch.zeros(U.shape[0]) for n, (U, V) in pieces.items()}),
     }
@@ -96,7 +98,8 @@ def ablation_values(model: DecomposedModel, pieces: Pieces, labels: Mapping[str,
 
 
 def mechanism_scores(model: DecomposedModel, pieces: Pieces, labels: Mapping[str, np.ndarray],
-                     topk: Mapping[str, float], gen: torch.Generator) -> dict[str, float]:
+                     topk: Mapping[str, float], gen: torch.Generator,
+                     active: Activity | None = None) -> dict[str, float]:
     """Per function: needed mechanisms, their share in the head, the function
     with only them kept, and whether it is recovered (see the module doc)."""
     batch = _eval_batch(model, gen)

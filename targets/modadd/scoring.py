@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from apdkit.core.masks import Activity
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import Pieces, pieces_sum, singleton_labels
 from apdkit.targets.modadd.model import accuracy
@@ -54,7 +55,8 @@ def key_frequencies(embed: Tensor, p: int) -> list[int]:
 
 
 def mechanism_scores(model: DecomposedModel, pieces: Pieces, labels: Mapping[str, np.ndarray],
-                     topk: Mapping[str, float], gen: torch.Generator) -> dict[str, float]:
+                     topk: Mapping[str, float], gen: torch.Generator,
+                     active: Activity | None = None) -> dict[str, float]:
     mlp = model.module
     p, embed = mlp.p, mlp.embed.weight.detach()
     keys = key_frequencies(embed, p)
@@ -87,7 +89,8 @@ def mechanism_scores(model: DecomposedModel, pieces: Pieces, labels: Mapping[str
     }
 
 
-def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float]) -> dict[str, float]:
+def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float],
+           active: Activity | None = None) -> dict[str, float]:
     """Stage 1: the same scores with each piece its own mechanism."""
     out = mechanism_scores(model, pieces, singleton_labels(pieces), topk, torch.Generator().manual_seed(0))
     return {k.replace("modadd/", "modadd/pieces/"): v for k, v in out.items()}

@@ -9,13 +9,15 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from apdkit.core.masks import Activity
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import Pieces
 from apdkit.targets.probes import dedicated_labels as probe_dedicated_labels
 from apdkit.targets.probes import dedicated_pieces, feature_truth_labels, one_hot_probe
 
 
-def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float]) -> dict[str, float]:
+def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float],
+           active: Activity | None = None) -> dict[str, float]:
     n = model.module.n_features
     out: dict[str, float] = {}
     for value in (1.0, 0.75):

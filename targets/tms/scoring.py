@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from torch import Tensor
 
+from apdkit.core.masks import Activity
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import Pieces
 from apdkit.targets.probes import dedicated_labels as probe_dedicated_labels, feature_truth_labels
@@ -41,7 +42,8 @@ def feature_recovery(W: Tensor, U: Tensor, V: Tensor) -> dict[str, float]:
             "grouped_ml2r": float(grouped_ratio.mean())}
 
 
-def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float]) -> dict[str, float]:
+def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float],
+           active: Activity | None = None) -> dict[str, float]:
     U, V = pieces["W"]
     return {f"tms/{k}": v for k, v in feature_recovery(model.module.W.weight, U, V).items()}
 
