@@ -111,7 +111,8 @@ def learned_objective(model: DecomposedModel, x: Tensor, weights: Mapping[str, T
         z = {n: gate_logits(gates[n], inner[n].detach().float()) for n in U if n in gates}
         g = open_identities(model, {n: gate_from_logits(z[n]) if n in z else torch.ones_like(inner[n].float())
                                     for n in U})
-        fwd = model.run(x, live, {n: m.to(mask_dtype(U)) for n, m in stochastic_piece_masks(g, gen).items()},
+        dtype = mask_dtype(U)
+        fwd = model.run(x, live, {n: m.to(dtype) for n, m in stochastic_piece_masks(g, gen).items()},
                         hidden=bool(target.hidden))
         with torch.no_grad():
             ablated = model.run(x, live, {n: torch.zeros_like(v) for n, v in g.items()}).output

@@ -6,7 +6,8 @@ that the active mechanisms recover. A mechanism is active on a token when
 any of its pieces is active there as stage 1 decides it (as stage 2 counts
 activity): its gate above the threshold in the learned mode, else in the
 top-k.
-Pure: a model, pieces, labels and top-k settings in, floats out."""
+Pure: a model, pieces, labels and top-k settings (or the run's activity) in,
+floats out."""
 
 from __future__ import annotations
 
