@@ -114,11 +114,14 @@ def cell_figures(store: Path, grouping: str = "spectral") -> dict[str, Any] | No
 
 def _rescore(run) -> dict[str, float]:
     from apdkit.stages.config import Stage1Config
+    from apdkit.stages.selection import scorer_activity
     from apdkit.stages.target import load_from_store, matrix_settings
 
     target = load_from_store(run)
-    _, topk = matrix_settings(target, Stage1Config(**run.config("stage1")))
-    return target.builtin.scores(target.model, run.pieces(), topk)
+    cfg = Stage1Config(**run.config("stage1"))
+    _, topk = matrix_settings(target, cfg)
+    pieces = run.pieces()
+    return target.builtin.scores(target.model, pieces, topk, scorer_activity(target.model, pieces, run.gates(), cfg))
 
 
 # per target: (label, score key, format) shown in its cell
