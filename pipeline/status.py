@@ -10,7 +10,6 @@ from apdkit.stores.run import STAGE1, STAGES, TARGET, Run
 # the scores `apd status` shows, of those a target's ground truth gives
 STAGE1_HEADLINES = ("tms/mmcs", "tms/grouped_ml2r", "resid/dedicated", "faithfulness", "induction/prev_token/active",
                     "induction/induction/active", "modadd/pieces/mean_purity", "tiny_lm/pieces/ce_recovered")
-FAITHFULNESS_KEY = "faithfulness_rel_error/"  # stage 1's per-matrix |W - sum of pieces| / |W|
 GROUP_HEADLINES = ("ari", "induction/prev_token/recovered", "induction/induction/recovered", "modadd/mean_purity",
                    "modadd/dedicated_key_fraction", "tiny_lm/l0_per_token", "tiny_lm/ce_recovered")
 
@@ -21,6 +20,7 @@ def missed_criteria(store: Path, scores: dict[str, float]) -> list[str]:
     verify's default faithfulness threshold (so stage 1 says at once what
     verify will fail)."""
     from apdkit.stages.config import VerifyConfig
+    from apdkit.stages.stage1.stage import FAITHFULNESS_KEY
     from apdkit.targets.load import TargetRef
     from apdkit.targets.spec import missed_criteria as missed
 

@@ -22,3 +22,12 @@ def made_target(name: str, seed: int) -> torch.nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return TARGETS[name].make()
+
+
+def exact_pieces(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Rank-1 pieces that sum exactly to each matrix: its SVD."""
+    out = {}
+    for name, w in weights.items():
+        A, S, Bt = torch.linalg.svd(w, full_matrices=False)
+        out[name] = ((A * S).T.contiguous(), Bt.contiguous())
+    return out

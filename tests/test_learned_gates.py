@@ -15,6 +15,7 @@ from apdkit.stages.stage1.objective import learned_objective
 from apdkit.stages.stage1.train import new_state, train
 from apdkit.stages.target import builtin_target, matrix_settings
 from apdkit.targets.registry import TARGETS
+from tests.helpers import exact_pieces
 from tests.user_models import TinyTransformer
 
 
@@ -182,10 +183,8 @@ def test_partial_masks_stay_partial_on_a_token_model():
     torch.manual_seed(0)
     model = DecomposedModel(TinyTransformer(vocab=16, d=8, heads=2, seq=4).eval(), ["blocks.*.attn.*"])
     weights = model.weights()
-    U, V = {}, {}
-    for name, w in weights.items():  # exact pieces: the SVD
-        A, S, Bt = torch.linalg.svd(w, full_matrices=False)
-        U[name], V[name] = (A * S).T.contiguous(), Bt.contiguous()
+    pieces = exact_pieces(weights)
+    U, V = {n: p[0] for n, p in pieces.items()}, {n: p[1] for n, p in pieces.items()}
     C = {n: u.shape[0] for n, u in U.items()}
     half_open = {n: {"w1": torch.zeros(c, 4), "b1": torch.zeros(c, 4), "w2": torch.zeros(c, 4),
                      "b2": torch.full((c,), 0.5)} for n, c in C.items()}  # every gate 0.5 on every row
@@ -196,7 +195,6 @@ def test_partial_masks_stay_partial_on_a_token_model():
                                torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)  # the same draws by hand: 0.5 + 0.5 u, matrix by matrix
     masks = {n: 0.5 + 0.5 * torch.rand((x.numel(), c), generator=gen) for n, c in C.items()}
-    pieces = {n: (U[n], V[n]) for n in U}
     with torch.no_grad():
         target = model.forward(x).output
         error = ((model.run(x, pieces, masks).output - target) ** 2).mean()

@@ -20,18 +20,10 @@ from apdkit.targets.modadd import model as modadd
 from apdkit.targets.modadd import scoring as modadd_scoring
 from apdkit.targets.tiny_lm import model as tiny_lm
 from apdkit.targets.tiny_lm import scoring as tiny_lm_scoring
+from tests.helpers import exact_pieces
 
 SMALL_INDUCTION = dict(vocab=24, d_model=16, seq_len=16, n_layers=2)
 SMALL_INDUCTION_TRAIN = dict(lr=1e-2, weight_decay=0.01, batch=128, steps=1000, warmup=0.02, schedule="cosine")
-
-
-def exact_pieces(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Rank-1 pieces that sum exactly to each matrix: its SVD."""
-    out = {}
-    for name, w in weights.items():
-        A, S, Bt = torch.linalg.svd(w, full_matrices=False)
-        out[name] = ((A * S).T.contiguous(), Bt.contiguous())
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ from apdkit.stages.target import Target, ensure_target, load_from_store, load_st
 from apdkit.stores.run import GROUPINGS, STAGE1, VERIFY, Run, RunStore, check_writable, iter_chunks, writer_lock
 from apdkit.targets.load import TargetRef, build_module
 
+FAITHFULNESS_KEY = "faithfulness_rel_error/"  # + matrix name: |W - sum of its pieces| / |W|
+
 
 def run_stage1(store_path: Path, ref: TargetRef, cfg: Stage1Config, *, module: nn.Module | None = None,
                data: Any = None, force: bool = False, target_file: Path | None = None,
@@ -246,7 +248,7 @@ def write_evaluation(store: RunStore, target: Target, cfg: Stage1Config, topk: d
     out: dict[str, float] = {}
     for name, w in model.weights().items():
         U, V = cpu_pieces[name]
-        out[f"faithfulness_rel_error/{name}"] = float((w - pieces_sum(U, V)).norm() / w.norm())
+        out[FAITHFULNESS_KEY + name] = float((w - pieces_sum(U, V)).norm() / w.norm())
     out["mean_active_pieces"] = sum(int(c.sum()) for c in active.values()) / n_rows
     for name, counts in active.items():
         out[f"alive_pieces/{name}"] = float((counts > 0).sum())
