@@ -39,7 +39,7 @@ def _png(fig) -> str:
 def loss_curves(run: Run) -> str:
     m = run.metrics()
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    for key in ("total", "faithfulness", "minimality", "hidden", "simplicity"):
+    for key in ("total", "faithfulness", "minimality", "hidden", "simplicity", "importance"):
         if key in m and np.any(m[key] > 0):
             ax.plot(m["step"], m[key], label=key)
     ax.set_yscale("log")

@@ -35,7 +35,11 @@ class Stage1Config(BaseModel):
         "learned (a gate per piece, trained with stochastic masks and an importance penalty; no k)")
     importance_coeff: float = Field(1.0, ge=0, description="learned: weight of the gates' penalty: the important "
                                     "pieces per matrix and input, over the matrix's rank, against the output error as a "
-                                    "fraction of the ablated one")
+                                    "fraction of the ablated one (with minimality_target: its starting value)")
+    minimality_target: float | None = Field(
+        None, gt=0, lt=1, description="learned: when set, importance_coeff is only the starting weight of the gates' "
+        "penalty; it then adapts every step so the masked output error, as a fraction of the ablated one, settles "
+        "at this value (a scale-free setting in place of a per-target coefficient)")
     importance_p: float = Field(1.0, gt=0, le=2, description="learned: the penalty is the sum of relu(z)^p, z a gate's "
                                 "pre-activation")
     learned_faithfulness_coeff: float = Field(100.0, gt=0, description="learned: weight of |W - sum of pieces|^2 / "

@@ -2,6 +2,8 @@
 gradients, training that resumes exactly from a checkpoint, and the stages
 end to end reading gates instead of top-k."""
 
+import math
+
 import torch
 from typer.testing import CliRunner
 
@@ -112,9 +114,10 @@ class _Killed(Exception):
 
 
 def test_learned_training_resumes_bit_for_bit():
-    target, cfg, topk, straight = _learned(30)
+    """With a minimality target, so the controller's coefficient is part of what resumes."""
+    target, cfg, topk, straight = _learned(30, minimality_target=0.5)
     train(target.model, target.sample, cfg, topk, straight)
-    _, _, _, first = _learned(30)
+    _, _, _, first = _learned(30, minimality_target=0.5)
     saved = {}
 
     def kill_at_15(state):
@@ -126,7 +129,7 @@ def test_learned_training_resumes_bit_for_bit():
         train(target.model, target.sample, cfg, topk, first, on_checkpoint=kill_at_15)
     except _Killed:
         pass
-    _, _, _, resumed = _learned(30)
+    _, _, _, resumed = _learned(30, minimality_target=0.5)
     resumed.load_state_dict(saved)
     train(target.model, target.sample, cfg, topk, resumed)
     for n in straight.U:
@@ -134,6 +137,34 @@ def test_learned_training_resumes_bit_for_bit():
         for k in straight.gates[n]:
             assert torch.equal(straight.gates[n][k], resumed.gates[n][k])
     assert straight.history[-1]["importance"] > 0
+    assert straight.history[-1]["importance_coeff"] == resumed.history[-1]["importance_coeff"] != 1.0
+
+
+def test_the_controller_moves_the_coefficient_by_the_log_ratio_capped_at_one_percent():
+    from apdkit.stages.stage1.train import importance_log_scale_step
+
+    zero = torch.zeros((), dtype=torch.float64)
+    # error at half the target: up by 0.01 * log 2; at 1 (40x over): down by the cap, 0.01
+    assert torch.allclose(importance_log_scale_step(zero, torch.tensor(0.0125), 0.025),
+                          torch.tensor(0.01 * 0.6931471805599453, dtype=torch.float64))
+    assert torch.allclose(importance_log_scale_step(zero, torch.tensor(1.0), 0.025),
+                          torch.tensor(-0.01, dtype=torch.float64))
+    assert float(importance_log_scale_step(zero + 0.5, torch.tensor(0.0), 0.025)) == 0.51  # no error: the cap
+
+
+def test_a_minimality_target_moves_the_importance_coefficient_toward_it():
+    """tms_5-2 from coefficient 1: a target far above any error the gates
+    leave raises the coefficient every step; one far below lowers it; no
+    target keeps it at 1. The resumed run keeps the controller's state."""
+    logged = {}
+    for target_error in (0.9, 1e-6, None):
+        target, cfg, topk, state = _learned(40, minimality_target=target_error)
+        train(target.model, target.sample, cfg, topk, state)
+        logged[target_error] = [row["importance_coeff"] for row in state.history]
+    assert logged[None] == [1.0] * 9
+    assert all(b > a for a, b in zip(logged[0.9][1:], logged[0.9][2:])) and logged[0.9][-1] > 1.3
+    assert all(b < a for a, b in zip(logged[1e-6][1:], logged[1e-6][2:])) 
+    assert abs(logged[1e-6][-1] - math.exp(-0.01 * 40)) < 1e-9  # 40 steps after the warm start, each at the cap
 
 
 def test_learned_mode_end_to_end(tmp_path):

@@ -45,6 +45,8 @@ class DecompositionState:
     step: int = 0  # steps done, warm start included
     history: list[dict[str, float]] = field(default_factory=list)
     gates: dict[str, dict[str, torch.nn.Parameter]] = field(default_factory=dict)  # learned mode only
+    # learned mode with a minimality target: log of the factor on importance_coeff, moved by the controller
+    importance_log_scale: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
 
     def pieces(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Detached (U, V) with V at unit norm: piece c is outer(U[c], V[c])."""
@@ -67,6 +69,7 @@ class DecompositionState:
             "data_gen": self.data_gen.get_state(),
             "step": self.step,
             "history": list(self.history),
+            "importance_log_scale": self.importance_log_scale.detach().cpu(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -81,6 +84,8 @@ class DecompositionState:
         self.data_gen.set_state(sd["data_gen"])
         self.step = int(sd["step"])
         self.history = list(sd["history"])
+        if "importance_log_scale" in sd:  # checkpoints written before the controller have none: factor 1
+            self.importance_log_scale.copy_(sd["importance_log_scale"])
 
 
 def new_state(model: DecomposedModel, cfg: Stage1Config, n_pieces: dict[str, int], device: torch.device,
@@ -107,7 +112,8 @@ def new_state(model: DecomposedModel, cfg: Stage1Config, n_pieces: dict[str, int
         gates = {n: {k: torch.nn.Parameter(t.to(device)) for k, t in init_gates(n_pieces[n], cfg.gate_hidden,
                                                                                 gate_gen).items()}
                  for n in U if n not in whole}
-    state = DecompositionState(U, V, None, generator(cfg.seed, "data"), gates=gates)
+    state = DecompositionState(U, V, None, generator(cfg.seed, "data"), gates=gates,
+                               importance_log_scale=torch.zeros((), dtype=torch.float64, device=device))
     state.optimizer = torch.optim.Adam(state.parameters(), lr=cfg.lr)
     return state
 
@@ -138,6 +144,19 @@ def coefficients(cfg: Stage1Config) -> dict[str, float]:
             "hidden": cfg.hidden_coeff, "simplicity": cfg.simplicity_coeff, "stochastic": cfg.stochastic_coeff,
             "set_aside": cfg.set_aside_coeff,
             "importance": cfg.importance_coeff, "learned_faithfulness": cfg.learned_faithfulness_coeff}
+
+
+# the controller's step in log space per training step, for a masked error e times off its target;
+# |log(target / e)| is capped at 1 so one noisy batch moves the coefficient by at most 1%
+CONTROL_RATE = 0.01
+
+
+def importance_log_scale_step(log_scale: Tensor, minimality: Tensor, target: float) -> Tensor:
+    """The controller's next log factor on the importance coefficient: up while
+    the masked output error is under ``target`` (room to close more gates),
+    down while it is over."""
+    error = minimality.detach().to(log_scale.dtype).clamp_min(1e-12)
+    return log_scale + CONTROL_RATE * torch.log(target / error).clamp(-1.0, 1.0)
 
 
 def compiled(fn: Callable, device: torch.device) -> Callable:
@@ -185,6 +204,7 @@ def train(
         else:
             x = sample(cfg.batch_size, state.data_gen)[replicas.rows(cfg.batch_size)].to(device)
             if learned:
+                coeffs["importance"] = cfg.importance_coeff * state.importance_log_scale.exp().float()
                 losses = loss_fn(model, x, weights, state.U, V, state.gates, coeffs, cfg.importance_p,
                                  state.data_gen, low_precision)
             else:
@@ -196,6 +216,11 @@ def train(
         losses["total"].backward()
         replicas.average_gradients(state.parameters())
         state.optimizer.step()
+        if learned and cfg.minimality_target is not None and step >= cfg.warm_start_steps:
+            with torch.no_grad():  # every replica takes the same step: the error is averaged over them
+                error = replicas.average({"minimality": losses["minimality"]})["minimality"]
+                state.importance_log_scale = importance_log_scale_step(state.importance_log_scale, error,
+                                                                       cfg.minimality_target)
         for k in LOSS_NAMES:
             running[k] += losses[k].detach()
         since_log += 1
@@ -205,6 +230,8 @@ def train(
             if not all(math.isfinite(v) for v in row.values()):
                 raise NonFiniteLoss(state.step)
             row = {"step": float(state.step), "lr": lr_at(cfg, step), **row}
+            if learned:  # the weight the gates' penalty had at this log (importance_coeff unless a target moves it)
+                row["importance_coeff"] = cfg.importance_coeff * math.exp(float(state.importance_log_scale))
             state.history.append(row)
             if on_log is not None:
                 on_log(row)
