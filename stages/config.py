@@ -39,7 +39,7 @@ class Stage1Config(BaseModel):
     minimality_target: float | None = Field(
         None, gt=0, lt=1, description="learned: when set, importance_coeff is only the starting weight of the gates' "
         "penalty; it then adapts every step so the masked output error, as a fraction of the ablated one, settles "
-        "at this value (a scale-free setting in place of a per-target coefficient)")
+        "at this value (an error level instead of a coefficient; the toys do better with a fixed coefficient)")
     importance_p: float = Field(1.0, gt=0, le=2, description="learned: the penalty is the sum of relu(z)^p, z a gate's "
                                 "pre-activation")
     learned_faithfulness_coeff: float = Field(100.0, gt=0, description="learned: weight of |W - sum of pieces|^2 / "

@@ -26,6 +26,13 @@ _TMS_LARGE = dict(steps=5000, batch_size=2048, lr=1e-2, warmup=0.05, minimality_
 _RESID = dict(n_pieces=130, topk=0.5, whole=["layers.*.W_out"], steps=3000, batch_size=256, lr=3e-3, warmup=0.01,
               faithfulness_coeff=100.0, stochastic_coeff=10.0, hidden_coeff=1.0, schatten_p=0.9)
 _RESID_DEEP = dict(_RESID, minimality_coeff=2.0, simplicity_coeff=7.0, faithfulness_coeff=300.0)
+# the token targets: learned gates whose coefficient starts at 0.1 and moves so the masked output error settles at a
+# target (a fixed 1 settles too sparse: tiny_lm kept 16-18% of the cross-entropy; started at 1 the gates closed
+# early and never reopened). Where top-k failed verify on every seed, tiny_lm at a target of 3% passes on 5 of 5
+# (a fixed 0.1: 1 of 5, adversarial); induction at 3% failed adversarial on 2 of 5 (0.57, 0.78), at 2% passes on
+# 5 of 5 (seed 4 at 0.48 against 0.5). Neither head is recovered (RESULTS.md, "A minimality target"). The top-k
+# settings stay for `minimality: topk`
+_TOKEN_LEARNED = dict(minimality="learned", importance_coeff=0.1)
 _INDUCTION_TRAIN = dict(lr=1e-2, weight_decay=0.01, batch=128, steps=5000, warmup=0.02, schedule="cosine")
 _MODADD_TRAIN = dict(lr=5e-3, weight_decay=2.0, steps=8000, warmup=0.0, schedule="constant", betas=(0.9, 0.98))  # full batch
 # stochastic term, faithfulness 10,000 and 6,000 steps: verify failed on 3 of 3 seeds (grouped mechanisms lost
@@ -40,11 +47,13 @@ _TINY_LM_TRAIN = dict(lr=3e-3, weight_decay=0.1, batch=32, steps=3000, warmup=0.
 # seeds; at 3,000 every matrix is within 0.6-1.0% (5 of 5 seeds), and the active pieces keep the same share of the loss
 # (RESULTS.md, "tiny_lm: faithfulness 3,000")
 _TINY_LM = dict(n_pieces=256, topk=16.0, steps=1000, batch_size=8, lr=3e-3, faithfulness_coeff=3000.0, warmup=0.02,
-                eval_samples=256, log_every=50, checkpoint_every=250)
+                eval_samples=256, log_every=50, checkpoint_every=250, minimality_target=0.03,
+                **_TOKEN_LEARNED)
 # init random: the data init (input activations) leaves faithfulness at 7-9% and halves what the
 # active pieces keep of the copy; measured on 3 seeds (benchmarks/RESULTS.md, "Transformer targets")
 _INDUCTION = dict(init="random", n_pieces=32, topk=16.0, steps=1000, batch_size=16, lr=1e-2, faithfulness_coeff=1000.0,
-                  warmup=0.02, eval_samples=256, log_every=50, checkpoint_every=250)
+                  warmup=0.02, eval_samples=256, log_every=50, checkpoint_every=250, minimality_target=0.02,
+                  **_TOKEN_LEARNED)
 
 TARGETS: dict[str, TargetSpec] = {
     spec.name: spec
