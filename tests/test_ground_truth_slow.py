@@ -65,9 +65,9 @@ def test_induction_pieces_reproduce_both_functions(tmp_path, seed):
 
 # The goals for the transformer targets, as measured failures of the method
 # today (benchmarks/RESULTS.md, "Transformer targets"): strict, so a fix shows up.
-@pytest.mark.xfail(strict=True, reason="measured: neither head's mechanisms are recovered, with top-k (kept-only "
-                   "accuracy <= 0.1 of the target's; mdl groups layer-0 V with layer-1 K and V) or with the learned "
-                   "gates of the default (mechanisms are whole matrices and joins of them)")
+@pytest.mark.xfail(strict=True, reason="measured: neither head's mechanisms are recovered, with top-k or the learned "
+                   "gates of the default (mechanisms are whole matrices and joins of them): the target uses both "
+                   "heads at every position, so no input switches one off (benchmarks/induction_usage.py)")
 @pytest.mark.parametrize("seed", range(3))
 def test_induction_recovers_both_heads(tmp_path, seed):
     truth = run_all(tmp_path, "induction", "--seed", seed, "--method", "mdl").verification("mdl")["truth"]
