@@ -24,7 +24,11 @@ from apdkit.core.inactive import stochastic_masks
 from apdkit.core.model import DecomposedModel, Forward, use_inner
 from apdkit.core.pieces import Pieces
 
-LEAK = 0.01  # gradient of the gate below 0, so a closed gate can reopen
+# gradient of the gate below 0, so a closed gate can reopen. At 0.01 the gates a strong start closed stayed closed
+# until the coefficient had fallen far below its right value (tms_5-2 from 30: to 0.014; induction from 1: failed
+# verify), induction's default failed on 1 of 5 seeds and tiny_lm kept up to 74% of its mechanisms on per token; at
+# 0.1, 5 of 5 pass each and tiny_lm keeps 44-49% on (RESULTS.md, "The gate's leak")
+LEAK = 0.1
 
 
 def init_gates(n_pieces: int, hidden: int, gen: torch.Generator) -> dict[str, Tensor]:

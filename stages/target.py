@@ -76,7 +76,9 @@ def _assemble(ref: TargetRef, module: nn.Module, data: Any) -> Target:
 
 
 def train_builtin(spec: TargetSpec, seed: int, reporter: Reporter) -> tuple[nn.Module, dict]:
-    """Deterministic: the same (spec, seed) gives the same weights, bit for bit."""
+    """Deterministic on one machine: the same (spec, seed) gives the same
+    weights, bit for bit, whatever the thread count. Another CPU may round
+    differently and train other weights (RESULTS.md, "The gate's leak")."""
     for attempt in range(MAX_TRAINING_ATTEMPTS):
         attempt_seed = target_attempt_seed(seed, attempt)
         with torch.random.fork_rng():
