@@ -54,10 +54,15 @@ def zeroed_logits(module: torch.nn.Module, tokens: Tensor, zero: dict[tuple[int,
         return module(tokens)
 
 
+def first_s(tokens: Tensor, q: Tensor) -> Tensor:
+    """Per sequence, the position of the first S (the token repeated at ``q``)."""
+    return (tokens == tokens[torch.arange(len(q)), q][:, None]).float().argmax(1)
+
+
 def position_classes(tokens: Tensor, q: Tensor) -> dict[str, Tensor]:
     n, T = tokens.shape
     rows = torch.arange(n)
-    first = (tokens == tokens[rows, q][:, None]).float().argmax(1)  # the first S
+    first = first_s(tokens, q)
     pattern = torch.zeros(n, T, dtype=torch.bool)
     pattern[rows, first] = pattern[rows, first + 1] = pattern[rows, q] = True
     elsewhere = ~pattern
@@ -86,7 +91,8 @@ def telling_apart(features: Tensor, positive: Tensor, negative: Tensor, seed: in
     X = torch.cat([pos[:n], neg]).numpy()
     y = np.r_[np.ones(n), np.zeros(n)]
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.3, random_state=seed, stratify=y)
-    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, early_stopping=True, random_state=seed).fit(X_train, y_train)
+    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, early_stopping=True, random_state=seed)
+    clf.fit(X_train, y_train)
     return float(roc_auc_score(y_test, clf.predict_proba(X_test)[:, 1]))
 
 
@@ -124,13 +130,14 @@ def usage(path: str, sequences: int) -> None:
     print("  attention on BOS, elsewhere / at the second S: " + "; ".join(
         f"layer {l} {float(p[..., 0][classes['elsewhere']].mean()):.3f} / {float(p[rows, q, 0].mean()):.3f}"
         for l, p in patterns.items()))
-    first = (tokens == tokens[rows, q][:, None]).float().argmax(1)
+    first = first_s(tokens, q)
     features = layer_input(module, tokens, 1).flatten(0, 1)
     ordinary = classes["elsewhere"].flatten()
     for name, at in (("first S", first), ("M", first + 1), ("second S", q)):
         mark = torch.zeros(tokens.shape, dtype=torch.bool)
         mark[rows, at] = True
-        print(f"  layer 1's input: {name} against elsewhere, held-out AUC {telling_apart(features, mark.flatten(), ordinary):.3f}")
+        auc = telling_apart(features, mark.flatten(), ordinary)
+        print(f"  layer 1's input: {name} against elsewhere, held-out AUC {auc:.3f}")
     cfg = Stage1Config(**run.config(STAGE1))
     _, topk = matrix_settings(target, cfg)
     _, masks = piece_masks(target.model, tokens, run.pieces(), run.gates(), topk, cfg, torch.Generator().manual_seed(0))
