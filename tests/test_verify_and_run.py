@@ -205,39 +205,37 @@ def _stages_done(store) -> int:
     return 2 if run.verification("spectral") is None else 3
 
 
-def _run_and_time_stages(cmd, store) -> list[float]:
-    """Run to the end, noting when each stage finished."""
-    proc = subprocess.Popen([*cmd, "--store", str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0, marks = time.time(), []
-    while proc.poll() is None or len(marks) < 3:
-        while len(marks) < _stages_done(store):
-            marks.append(time.time() - t0)
-        if proc.poll() is not None and len(marks) < 3:
-            marks += [time.time() - t0] * (3 - len(marks))
-        time.sleep(0.02)
-    assert proc.returncode == 0
-    return marks
+def _stage1_checkpoint_step(store) -> int:
+    """The step of stage 1's last checkpoint (0 before the first one)."""
+    try:
+        return open_run(store).checkpoint_step("stage1") or 0
+    except Exception:  # the store or checkpoint is being created
+        return 0
 
 
 def test_kill_9_in_each_stage_then_rerun_gives_the_same_result(tms_target_store, tmp_path):
-    """kill -9 `apd run` at a random moment of stage 1, then (rerun) the
-    moment stage 1 is done, i.e. inside grouping, then (rerun) the moment
-    grouping is done, i.e. inside verify; the store stays readable, and the
-    final rerun ends with the same result as an uninterrupted run."""
+    """kill -9 `apd run` inside stage 1, just after a checkpoint picked at
+    random, then (rerun) the moment stage 1 is done, i.e. inside grouping,
+    then (rerun) the moment grouping is done, i.e. inside verify; the store
+    stays readable, and the final rerun ends with the same result as an
+    uninterrupted run. Each kill waits for the store's own progress, never
+    for a time, so a slow or fast machine kills in the same stage."""
     cfg = tmp_path / "small.yaml"
     cfg.write_text("steps: 800\nwarm_start_steps: 50\ncheckpoint_every: 100\nlog_every: 50\neval_samples: 20000\n")
     cmd = [sys.executable, "-m", "apdkit.cli", "run", "--model", "tms_5-2", "--config", str(cfg), "-q"]
     reference = tmp_path / "reference.zarr"
     shutil.copytree(tms_target_store, reference)
-    marks = _run_and_time_stages(cmd, reference)
+    subprocess.run([*cmd, "--store", str(reference)], check=True, capture_output=True)
     store = tmp_path / "killed.zarr"
     shutil.copytree(tms_target_store, store)
     rng = random.Random(0)
     killed_in = []
     for stage in range(3):
         proc = subprocess.Popen([*cmd, "--store", str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if stage == 0:
-            time.sleep(rng.uniform(0.3, 0.9 * marks[0]))
+        if stage == 0:  # 800 steps, a checkpoint every 100: kill after one of the first five
+            kill_after = 100 * rng.randint(1, 5)
+            while _stage1_checkpoint_step(store) < kill_after and _stages_done(store) == 0 and proc.poll() is None:
+                time.sleep(0.002)
         else:
             while _stages_done(store) < stage and proc.poll() is None:
                 time.sleep(0.002)
