@@ -7,7 +7,8 @@ decomposition could see it. Per store (a finished induction run):
   accuracy; "pattern" is the first S, the M after it and the second S
   (where the circuit's story says the heads act), "elsewhere" every other
   position but BOS;
-- each layer's attention on BOS, elsewhere and at the second S;
+- each layer's attention on BOS and on its sink logit (``induction-sink``),
+  elsewhere and at the second S;
 - whether a row's own input to layer 1 (what a gate on its Q, K or V reads)
   tells the pattern positions from the others: a small MLP's held-out AUC;
 - the run's stage-1 pieces on per position, in each class.
@@ -130,6 +131,10 @@ def usage(path: str, sequences: int) -> None:
     print("  attention on BOS, elsewhere / at the second S: " + "; ".join(
         f"layer {l} {float(p[..., 0][classes['elsewhere']].mean()):.3f} / {float(p[rows, q, 0].mean()):.3f}"
         for l, p in patterns.items()))
+    sink = {l: 1 - p.sum(-1) for l, p in patterns.items()}  # a pattern's rows sum to 1 less the sink's share
+    print("  attention on the sink (induction-sink), elsewhere / at the second S: " + "; ".join(
+        f"layer {l} {float(s[classes['elsewhere']].mean()):.3f} / {float(s[rows, q].mean()):.3f}"
+        for l, s in sink.items()))
     first = first_s(tokens, q)
     features = layer_input(module, tokens, 1).flatten(0, 1)
     ordinary = classes["elsewhere"].flatten()

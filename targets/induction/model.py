@@ -8,6 +8,16 @@ induction head in layer 1 attends from the second S to that position and
 copies M. Each head's Q, K, V and O are plain ``nn.Linear`` modules; the
 attention pattern passes through an ``nn.Identity`` (``layers.<l>.pattern``)
 so that scoring can read it with a hook.
+
+Two ways to train it. ``away="next_token"`` (the built-in ``induction``):
+away from the answer the loss is the next token's, an unseen one at random,
+so the model learns to lower the tokens it has seen, and both heads work at
+every position. ``away="uniform"`` with ``sink=True`` (``induction-sink``):
+away from the answer the loss asks for flat logits whatever the context,
+and each head has a learned sink logit (a key no position owns, as in
+gpt-oss) that takes its attention when no key matches, so a head's output can
+be zero where it is not needed: the heads work only where the circuit's
+story says they do.
 """
 
 from __future__ import annotations
@@ -23,26 +33,33 @@ FLAT_WEIGHT = 0.2  # weight of the loss away from the answer: enough to flatten 
 
 
 class AttentionHead(nn.Module):
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, sink: bool = False):
         super().__init__()
         self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
+        self.sink = nn.Parameter(torch.zeros(())) if sink else None
         self.pattern = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         T = x.shape[1]
         scores = self.q(x) @ self.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-        pattern = self.pattern(scores.masked_fill(causal, float("-inf")).softmax(-1))
+        scores = scores.masked_fill(causal, float("-inf"))
+        if self.sink is None:
+            weights = scores.softmax(-1)
+        else:  # the sink's share is dropped: attention rows sum to less than 1
+            weights = torch.cat([scores, self.sink.expand(*scores.shape[:-1], 1)], -1).softmax(-1)[..., :T]
+        pattern = self.pattern(weights)
         return x + self.o(pattern @ self.v(x))
 
 
 class InductionTransformer(nn.Module):
-    def __init__(self, vocab: int = 128, d_model: int = 16, seq_len: int = 64, n_layers: int = 2):
+    def __init__(self, vocab: int = 128, d_model: int = 16, seq_len: int = 64, n_layers: int = 2,
+                 sink: bool = False):
         super().__init__()
         self.vocab, self.seq_len = vocab, seq_len
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.5)
-        self.layers = nn.ModuleList(AttentionHead(d_model) for _ in range(n_layers))
+        self.layers = nn.ModuleList(AttentionHead(d_model, sink) for _ in range(n_layers))
         self.unembed = nn.Linear(d_model, vocab, bias=False)
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -80,19 +97,30 @@ def copy_accuracy(model: nn.Module, tokens: Tensor, q: Tensor, answer: Tensor) -
 
 
 def fit(model: InductionTransformer, recipe: dict, gen: torch.Generator, on_step=None) -> float:
-    """Cross-entropy on the answer M at the second S, plus FLAT_WEIGHT times
-    the next-token loss elsewhere. There the next token is an unseen one at
-    random, so the model learns near-flat logits: outside the answer position
-    the induction head has little to do, as in a language model."""
+    """Cross-entropy on the answer M at the second S, plus FLAT_WEIGHT times a
+    loss elsewhere, by ``recipe["away"]``: "next_token" (the default), the
+    next token, an unseen one at random, which rewards lowering the tokens
+    already seen, so the heads work everywhere (measured: RESULTS.md, "Where
+    the induction target uses its heads"); "uniform", cross-entropy against
+    the uniform distribution, which no context helps with."""
+    away = recipe.get("away", "next_token")
+    if away not in ("next_token", "uniform"):
+        raise ValueError(f"induction recipe: away must be 'next_token' or 'uniform', not {away!r}")
+
     def batch_loss(g: torch.Generator) -> Tensor:
         tokens, q, answer = induction_batch(recipe["batch"], model.vocab, model.seq_len, g)
         rows = torch.arange(len(q))
-        labels = torch.cat([tokens[:, 1:], torch.full((len(q), 1), -100)], dim=1)
-        labels[rows, q] = answer
         logits = model(tokens)
         answer_loss = nn.functional.cross_entropy(logits[rows, q], answer)
-        return answer_loss + FLAT_WEIGHT * nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                                                         ignore_index=-100)
+        if away == "uniform":
+            elsewhere = torch.ones(tokens.shape, dtype=torch.bool)
+            elsewhere[rows, q] = False
+            flat_loss = -logits[elsewhere].log_softmax(-1).mean()
+        else:
+            labels = torch.cat([tokens[:, 1:], torch.full((len(q), 1), -100)], dim=1)
+            labels[rows, q] = answer
+            flat_loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return answer_loss + FLAT_WEIGHT * flat_loss
 
     return train_loop(model, batch_loss, recipe, gen, on_step)
 
