@@ -85,10 +85,12 @@ TARGETS: dict[str, TargetSpec] = {
                      _TINY_LM),
         induction.spec("induction", dict(vocab=128, d_model=32, seq_len=64, n_layers=2), _INDUCTION_TRAIN, _INDUCTION),
         # the same circuit with heads that can be off: a sink logit per head and flat logits asked for away from
-        # the answer whatever the context (targets/induction/model.py)
-        # (d_model 48 and 10,000 steps: at 32 copy accuracy was 0.80-0.95 over seeds and settings, below health)
+        # the answer whatever the context (targets/induction/model.py). d_model 48 and 10,000 steps: at 32 copy
+        # accuracy was 0.80-0.95 over seeds and settings, below health. Learned faithfulness 1,000: at 100 layer 0's
+        # V and O sums missed W by 4% and verify failed faithfulness (RESULTS.md, "induction-sink")
         induction.spec("induction-sink", dict(vocab=128, d_model=48, seq_len=64, n_layers=2, sink=True),
-                       dict(_INDUCTION_TRAIN, away="uniform", steps=10000), dict(_INDUCTION, n_pieces=48)),
+                       dict(_INDUCTION_TRAIN, away="uniform", steps=10000),
+                       dict(_INDUCTION, n_pieces=48, learned_faithfulness_coeff=1000.0)),
     )
 }
 
