@@ -38,7 +38,7 @@ from apdkit.stages.config import Stage1Config
 from apdkit.stages.selection import piece_masks
 from apdkit.stages.target import load_from_store, matrix_settings
 from apdkit.stores.run import STAGE1
-from apdkit.targets.induction.model import induction_batch
+from apdkit.targets.induction.model import circuit_positions, first_s, induction_batch
 
 MATRICES = ("q", "k", "v", "o")
 
@@ -55,17 +55,8 @@ def zeroed_logits(module: torch.nn.Module, tokens: Tensor, zero: dict[tuple[int,
         return module(tokens)
 
 
-def first_s(tokens: Tensor, q: Tensor) -> Tensor:
-    """Per sequence, the position of the first S (the token repeated at ``q``)."""
-    return (tokens == tokens[torch.arange(len(q)), q][:, None]).float().argmax(1)
-
-
 def position_classes(tokens: Tensor, q: Tensor) -> dict[str, Tensor]:
-    n, T = tokens.shape
-    rows = torch.arange(n)
-    first = first_s(tokens, q)
-    pattern = torch.zeros(n, T, dtype=torch.bool)
-    pattern[rows, first] = pattern[rows, first + 1] = pattern[rows, q] = True
+    pattern = circuit_positions(tokens, q)
     elsewhere = ~pattern
     elsewhere[:, 0] = False
     return {"pattern": pattern, "elsewhere": elsewhere}

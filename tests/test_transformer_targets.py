@@ -67,10 +67,7 @@ def _layer1_error_away_from_the_circuit(module: torch.nn.Module) -> float:
     """Logit error with layer 1's output zeroed away from the circuit's
     positions (first S, M, second S), as a share of zeroing it everywhere."""
     tokens, q, _ = induction.induction_batch(512, module.vocab, module.seq_len, torch.Generator().manual_seed(0))
-    rows = torch.arange(len(q))
-    first = (tokens == tokens[rows, q][:, None]).float().argmax(1)
-    away = torch.ones(tokens.shape, dtype=torch.bool)
-    away[rows, first] = away[rows, first + 1] = away[rows, q] = False
+    away = ~induction.circuit_positions(tokens, q)
 
     def zeroed(where):
         keep = (~where).unsqueeze(-1).float()

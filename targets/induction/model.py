@@ -82,6 +82,20 @@ def induction_batch(n: int, vocab: int, seq_len: int, gen: torch.Generator) -> t
     return tokens, q, tokens[rows, first + 1]
 
 
+def first_s(tokens: Tensor, q: Tensor) -> Tensor:
+    """Per sequence, the position of the first S (the token repeated at ``q``)."""
+    return (tokens == tokens[torch.arange(len(q)), q][:, None]).float().argmax(1)
+
+
+def circuit_positions(tokens: Tensor, q: Tensor) -> Tensor:
+    """(n, T) bool: where the circuit's story says the heads act, the first S,
+    the M after it and the second S (at ``q``)."""
+    rows, first = torch.arange(len(q)), first_s(tokens, q)
+    where = torch.zeros(tokens.shape, dtype=torch.bool)
+    where[rows, first] = where[rows, first + 1] = where[rows, q] = True
+    return where
+
+
 def build(**arch) -> InductionTransformer:
     return InductionTransformer(**arch)
 
