@@ -221,6 +221,31 @@ def test_target_file_with_nan_weights_is_refused_and_a_good_file_then_works(tms_
     assert result.exit_code == 0, result.output
 
 
+def test_a_trained_target_is_stored_with_the_health_check_that_accepted_it(tmp_path, monkeypatch):
+    """A second check on another sample could disagree (induction-sink seed 2:
+    accepted at 0.962, then stored as unhealthy at 0.949): there is one."""
+    import dataclasses
+
+    from apdkit.stages.target import ensure_target
+    from apdkit.stores.run import RunStore
+    from apdkit.targets import registry
+    from apdkit.targets.spec import HealthReport
+
+    calls = []
+
+    def check(module, gen):
+        calls.append(len(calls))
+        ok = len(calls) == 1  # the first check passes, any later one would not
+        return HealthReport(healthy=ok, summary=f"check {len(calls)}", figures={"check": float(len(calls))})
+
+    spec = registry.TARGETS["tms_5-2"]
+    monkeypatch.setitem(registry.TARGETS, "tms_5-2", dataclasses.replace(spec, train=dict(spec.train, steps=10),
+                                                                         check=check))
+    ensure_target(RunStore(tmp_path / "t.zarr", "tms_5-2"), resolve_ref("tms_5-2"), seed=0)
+    attrs = open_run(tmp_path / "t.zarr").attrs("target")
+    assert calls == [0] and attrs["healthy"] is True and attrs["health"] == {"check": 1.0}
+
+
 def test_fewer_pieces_than_the_rank_is_warned(tms_store, tmp_path):
     cfg = _small(tmp_path, steps=20, warm_start_steps=10, checkpoint_every=50, n_pieces=1, eval_samples=100)
     result = apd("stage1", "--model", "tms_5-2", "--store", tms_store, "--config", cfg)
