@@ -143,15 +143,16 @@ def ensure_target(store: RunStore, ref: TargetRef, seed: int, module: nn.Module 
                                  "use a new --store")
         return load_from_store(run, module=module, data=data)
     spec = ref.builtin
-    if module is None:  # trained here and checked there: that check, the one that accepted it, is stored
+    if module is None:  # trained here: stored with the check that accepted it, not checked again on another sample
         module, info = train_builtin(spec, seed, reporter)
+        target = prepare(ref, module, data)
     else:
         info = {"seed": seed, "source": source}
-    target = prepare(ref, module, data)
-    if spec is not None and "healthy" not in info:  # weights from elsewhere for a built-in architecture
-        health = spec.check(target.module, torch.Generator().manual_seed(seed))
-        info.update(health=health.figures, healthy=health.healthy)
-        reporter.message(f"target {spec.name}: {health.summary}")
+        target = prepare(ref, module, data)
+        if spec is not None:  # weights from elsewhere for a built-in architecture
+            health = spec.check(target.module, torch.Generator().manual_seed(seed))
+            info.update(health=health.figures, healthy=health.healthy)
+            reporter.message(f"target {spec.name}: {health.summary}")
     store.write_target(ref.as_dict(), dict(target.module.state_dict()),
                        arch=dict(spec.arch) if spec is not None else {}, **info)
     return target

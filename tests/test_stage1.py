@@ -190,6 +190,8 @@ def test_user_trained_state_dict_is_decomposed(tms_target_store, tmp_path):
     assert result.exit_code == 0, result.output
     run = open_run(store)
     assert run.attrs("target")["source"] == str(f)
+    target_attrs = run.attrs("target")  # weights from elsewhere are checked here, on the seed's sample
+    assert target_attrs["healthy"] is True and target_attrs["health"]["dead_features"] == 0.0
     assert torch.equal(run.target().W.weight, state["W.weight"])
 
 
