@@ -57,6 +57,20 @@ def test_a_sink_head_adds_nothing_when_its_sink_wins_and_is_a_plain_head_when_it
         assert torch.equal(sunk(x), x + sunk.o(torch.zeros_like(x)))  # every row's attention on the sink
 
 
+def test_the_health_check_reports_the_sink_share_away_from_the_circuit_only_with_sinks():
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain = induction.check(induction.build(**SMALL_INDUCTION), gen())
+    assert set(plain.figures) == {"copy_accuracy"}
+    torch.manual_seed(0)
+    m = induction.build(**SMALL_INDUCTION, sink=True)
+    for logit, share in ((50.0, 1.0), (-50.0, 0.0)):  # the sink takes all of each row, or none
+        with torch.no_grad():
+            m.layers[-1].sink.fill_(logit)
+        report = induction.check(m, gen())
+        assert report.figures["sink_share_off_circuit"] == pytest.approx(share, abs=1e-6)
+        assert f"away from the circuit {share:.3f}" in report.summary
+
+
 def test_induction_recipe_refuses_an_unknown_loss_away_from_the_answer():
     m = induction.build(**SMALL_INDUCTION)
     with pytest.raises(ValueError, match="away must be"):
