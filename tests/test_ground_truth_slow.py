@@ -56,6 +56,20 @@ def test_resid_mlp3_run_passes_verify_with_every_feature_dedicated_and_none_merg
     assert run.grouping_info("spectral")["scores"]["merged_features"] == 0
 
 
+@pytest.mark.parametrize("seed", [2, 3])  # the seeds that merged a pair of features at 3,000 stage-1 steps
+def test_resid_mlp2_run_passes_verify_and_merges_no_features_with_spectral_or_mdl(tmp_path, seed):
+    store = run_all(tmp_path, "resid_mlp2", "--seed", seed).path  # spectral, the default
+    for command in ("group", "verify"):
+        result = runner.invoke(app, [command, "--store", str(store), "--method", "mdl", "-q"])
+        assert result.exit_code in (0, 1), result.output
+    run = open_run(store)
+    for grouping in ("spectral", "mdl"):
+        verification = run.verification(grouping)
+        assert verification["passed"], {c: v["figures"] for c, v in verification["checks"].items() if not v["passed"]}
+        assert run.grouping_info(grouping)["scores"]["merged_features"] == 0, grouping
+    assert run.scores()["resid/dedicated_features"] >= 98
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_induction_pieces_reproduce_both_functions(tmp_path, seed):
     scores = run_all(tmp_path, "induction", "--seed", seed, "--method", "mdl").scores()
