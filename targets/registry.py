@@ -75,10 +75,9 @@ TARGETS: dict[str, TargetSpec] = {
         tms.spec("tms_6-3-synced", 6, 3, False, 1024, 5000,
                  dict(_TMS_SMALL, n_pieces=12, topk=0.3, minimality="learned"), synced_features=(0, 1)),
         resid_mlp.spec("resid_mlp", 100, 50, 1, 3000, dict(_RESID, simplicity_coeff=10.0)),
-        # 6,000 steps, as resid_mlp3: at 3,000 one of this machine's seeds merged two features (a layer-1 W_in piece
-        # fired on both) and the adversarial figures were 0.16-0.22; at 6,000 seeds 0-4 merge none with spectral or
-        # mdl, with adversarial figures of about half, and stage 1 takes twice as long (RESULTS.md, "resid_mlp2 at
-        # 6,000 steps")
+        # 6,000 steps, as resid_mlp3: at 3,000 two of this machine's five seeds merged a pair of features (a W_in piece
+        # fired on both) and the adversarial figures were 0.15-0.22; at 6,000 none merge, with spectral or mdl, the
+        # adversarial figures are 0.08-0.12, and stage 1 takes twice as long (RESULTS.md, "resid_mlp2 at 6,000 steps")
         resid_mlp.spec("resid_mlp2", 100, 25, 2, 3000, dict(_RESID_DEEP, steps=6000)),
         # 6,000 steps: at 3,000 the pieces' margin against verify's adversarial search was thin (0.34-0.55 of the
         # ablated error over 5 seeds, seed 1 failing; with the ground truth's own grouping 0.30-0.44); at 6,000 it is
