@@ -60,7 +60,7 @@ def test_a_sink_head_adds_nothing_when_its_sink_wins_and_is_a_plain_head_when_it
 def test_the_health_check_reports_the_sink_share_away_from_the_circuit_only_with_sinks():
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     plain = induction.check(induction.build(**SMALL_INDUCTION), gen())
-    assert set(plain.figures) == {"copy_accuracy"}
+    assert set(plain.figures) == {"copy_accuracy", "copy_accuracy_worst_quarter"}
     torch.manual_seed(0)
     m = induction.build(**SMALL_INDUCTION, sink=True)
     for logit, share in ((50.0, 1.0), (-50.0, 0.0)):  # the sink takes all of each row, or none
@@ -69,6 +69,39 @@ def test_the_health_check_reports_the_sink_share_away_from_the_circuit_only_with
         report = induction.check(m, gen())
         assert report.figures["sink_share_off_circuit"] == pytest.approx(share, abs=1e-6)
         assert f"away from the circuit {share:.3f}" in report.summary
+
+
+class StandInCopier(torch.nn.Module):
+    """Answers right exactly where the first S sits at or before ``copies_up_to``."""
+
+    vocab, seq_len = 24, 16
+
+    def __init__(self, copies_up_to: int):
+        super().__init__()
+        self.copies_up_to = copies_up_to
+        self.layers = torch.nn.ModuleList([induction.AttentionHead(4)])  # no sink: check reads layers[-1].sink
+
+    def forward(self, tokens):
+        n, T = tokens.shape
+        q = (tokens[:, :, None] == tokens[:, None, :]).tril(-1).any(-1).float().argmax(1)  # the token seen before
+        first, rows = induction.first_s(tokens, q), torch.arange(n)
+        answer = tokens[rows, first + 1]
+        logits = torch.zeros(n, T, self.vocab)
+        logits[rows, q, torch.where(first <= self.copies_up_to, answer, (answer + 1) % self.vocab)] = 1.0
+        return logits
+
+
+def test_the_health_check_reports_the_worst_quarter_of_the_first_s_positions():
+    # seq_len 16: the first S in 1..13, quarters {1-4}, {5-7}, {8-10}, {11-13}
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    tokens, q, _ = induction.induction_batch(4096, 24, 16, gen())
+    early = float((induction.first_s(tokens, q) <= 10).float().mean())
+    report = induction.check(StandInCopier(copies_up_to=10), gen())
+    assert report.figures == {"copy_accuracy": pytest.approx(early), "copy_accuracy_worst_quarter": 0.0}
+    assert "worst quarter of positions 0.000" in report.summary
+    assert early > 0.95 and report.healthy  # the last quarter is rare: a bar on the mean alone lets this pass
+    report = induction.check(StandInCopier(copies_up_to=13), gen())
+    assert report.figures == {"copy_accuracy": 1.0, "copy_accuracy_worst_quarter": 1.0} and report.healthy
 
 
 def test_induction_recipe_refuses_an_unknown_loss_away_from_the_answer():

@@ -1,0 +1,59 @@
+"""Where in the sequence an induction target copies. Per store (any run of
+``induction`` or ``induction-sink``), on held-out sequences:
+
+- copy accuracy by quarter of the first S's position (1..seq_len-3), with
+  each quarter's share of the sequences;
+- layer 0's attention on the previous position (what the previous-token head
+  is for), by quarter of the query's position.
+
+    python benchmarks/induction_positions.py runs/induction.zarr [more stores]
+
+Why: the health check's bar is on the mean copy accuracy, and the data puts
+the first S late in few sequences, so a target can pass it while copying
+nothing from the end of the sequence (RESULTS.md, "Where the pair sits").
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from apdkit import open_run
+from apdkit.stages.target import load_from_store
+from apdkit.targets.induction.model import copied, first_s_quarter, induction_batch
+
+
+@torch.no_grad()
+def positions(path: str, sequences: int) -> None:
+    module = load_from_store(open_run(path)).module
+    T = module.seq_len
+    tokens, q, answer = induction_batch(sequences, module.vocab, T, torch.Generator().manual_seed(0))
+    captured = {}
+    hook = module.layers[0].pattern.register_forward_hook(lambda mod, args, out: captured.__setitem__("p", out))
+    try:
+        ok = copied(module, tokens, q, answer).float()
+    finally:
+        hook.remove()
+    quarter = first_s_quarter(tokens, q)
+    print(f"{path}: copy accuracy {float(ok.mean()):.3f}; by quarter of the first S's position "
+          "(share of sequences): " + ", ".join(
+              f"{float(ok[quarter == i].mean()):.3f} ({float((quarter == i).float().mean()):.3f})" for i in range(4)))
+    at = torch.arange(1, T)
+    on_previous = captured["p"][:, at, at - 1].mean(0)  # (T-1,): query position 1..T-1
+    bounds = [1 + (T - 1) * i // 4 for i in range(5)]
+    print("  layer 0's attention on the previous position, by quarter of positions: " + ", ".join(
+        f"{a}-{b - 1} {float(on_previous[a - 1:b - 1].mean()):.3f}" for a, b in zip(bounds[:-1], bounds[1:])))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stores", nargs="+")
+    parser.add_argument("--sequences", type=int, default=8192)
+    args = parser.parse_args()
+    for path in args.stores:
+        positions(path, args.sequences)
+
+
+if __name__ == "__main__":
+    main()
