@@ -18,7 +18,7 @@ import torch
 from apdkit import open_run
 from apdkit.core.attributions import attributions
 from apdkit.stages.target import load_from_store
-from apdkit.targets.induction.model import induction_batch
+from apdkit.targets.induction.model import batch_for
 
 
 def main(path: str, n: int = 32) -> None:
@@ -27,7 +27,7 @@ def main(path: str, n: int = 32) -> None:
     target = load_from_store(run)
     model, module = target.model, target.module
     pieces = run.pieces()
-    tokens, q, answer = induction_batch(n, module.vocab, module.seq_len, torch.Generator().manual_seed(123))
+    tokens, q, answer = batch_for(module, n, torch.Generator().manual_seed(123))
     T = module.seq_len
     key = torch.nonzero(tokens[:, 1:] == answer[:, None])[:, 1] + 1  # where M sits
     with torch.no_grad():

@@ -22,7 +22,7 @@ import torch
 from apdkit import open_run
 from apdkit.core.pieces import pieces_sum
 from apdkit.stages.target import load_from_store
-from apdkit.targets.induction.model import induction_batch
+from apdkit.targets.induction.model import batch_for
 from apdkit.targets.induction.scoring import FUNCTIONS, NEEDED_BELOW, ablation_values, function_values
 
 
@@ -31,7 +31,7 @@ def describe(path: str, grouping: str, sequences: int = 512) -> None:
     target = load_from_store(run)
     model, module = target.model, target.module
     pieces, labels = run.pieces(), run.grouping(grouping)
-    batch = induction_batch(sequences, module.vocab, module.seq_len, torch.Generator().manual_seed(0))
+    batch = batch_for(module, sequences, torch.Generator().manual_seed(0))
     whole = function_values(model, *batch)
     ablated = ablation_values(model, pieces, labels, batch)
     attribution = run.config("stage1").get("attribution", "gradient")

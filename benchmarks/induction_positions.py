@@ -6,7 +6,7 @@
 - layer 0's attention on the previous position (what the previous-token head
   is for), by quarter of the query's position.
 
-    python benchmarks/induction_positions.py runs/induction.zarr [more stores]
+    python benchmarks/induction_positions.py runs/induction.zarr [more stores] [--placement second_first]
 
 Why: the health check's bar is on the mean copy accuracy, and the data puts
 the first S late in few sequences, so a target can pass it while copying
@@ -21,14 +21,15 @@ import torch
 
 from apdkit import open_run
 from apdkit.stages.target import load_from_store
-from apdkit.targets.induction.model import copied, first_s_quarter, induction_batch
+from apdkit.targets.induction.model import PLACEMENTS, copied, first_s_quarter, induction_batch
 
 
 @torch.no_grad()
-def positions(path: str, sequences: int) -> None:
+def positions(path: str, sequences: int, placement: str | None) -> None:
     module = load_from_store(open_run(path)).module
     T = module.seq_len
-    tokens, q, answer = induction_batch(sequences, module.vocab, T, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    tokens, q, answer = induction_batch(sequences, module.vocab, T, gen, placement or module.placement)
     captured = {}
     hook = module.layers[0].pattern.register_forward_hook(lambda mod, args, out: captured.__setitem__("p", out))
     try:
@@ -50,9 +51,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stores", nargs="+")
     parser.add_argument("--sequences", type=int, default=8192)
+    parser.add_argument("--placement", choices=PLACEMENTS,
+                        help="place the pair so instead of as the target's data does (stores written before "
+                             "placements were named hold no placement and read as uniform)")
     args = parser.parse_args()
     for path in args.stores:
-        positions(path, args.sequences)
+        positions(path, args.sequences, args.placement)
 
 
 if __name__ == "__main__":

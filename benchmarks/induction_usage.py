@@ -38,7 +38,7 @@ from apdkit.stages.config import Stage1Config
 from apdkit.stages.selection import piece_masks
 from apdkit.stages.target import load_from_store, matrix_settings
 from apdkit.stores.run import STAGE1
-from apdkit.targets.induction.model import circuit_positions, first_s, induction_batch
+from apdkit.targets.induction.model import batch_for, circuit_positions, first_s
 
 MATRICES = ("q", "k", "v", "o")
 
@@ -92,7 +92,7 @@ def usage(path: str, sequences: int) -> None:
     run = open_run(path)
     target = load_from_store(run)
     module = target.module
-    tokens, q, answer = induction_batch(sequences, module.vocab, module.seq_len, torch.Generator().manual_seed(0))
+    tokens, q, answer = batch_for(module, sequences, torch.Generator().manual_seed(0))
     rows = torch.arange(len(q))
     logits = zeroed_logits(module, tokens, {})
     everywhere = torch.ones(tokens.shape, dtype=torch.bool)

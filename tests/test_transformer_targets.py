@@ -35,14 +35,29 @@ def small_induction():
     return DecomposedModel(m.eval(), registry.TARGETS["induction"].modules)
 
 
-def test_induction_data_has_exactly_one_repeat_and_its_answer():
-    tokens, q, answer = induction.induction_batch(64, 24, 16, torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("placement", induction.PLACEMENTS)
+def test_induction_data_has_exactly_one_repeat_and_its_answer(placement):
+    tokens, q, answer = induction.induction_batch(64, 24, 16, torch.Generator().manual_seed(0), placement)
     for row, pos, ans in zip(tokens, q, answer):
         content = row[1:].tolist()
         assert len(content) - len(set(content)) == 1  # one repeated token, S
         first = content.index(int(row[pos])) + 1
         assert first < pos and int(row[first + 1]) == ans
     assert (tokens[:, 0] == induction.BOS).all()
+
+
+def test_uniform_placement_starts_the_copy_at_every_position_as_often():
+    # seq_len 16: the first S in 1..13; "second_first" draws the second S first, so late first S's are rare
+    counts = {}
+    for placement in induction.PLACEMENTS:
+        tokens, q, _ = induction.induction_batch(26000, 24, 16, torch.Generator().manual_seed(0), placement)
+        counts[placement] = torch.bincount(induction.first_s(tokens, q), minlength=14)[1:].float() / len(q)
+    assert counts["uniform"].sub(1 / 13).abs().max() < 0.01
+    assert counts["second_first"][-1] < 0.01 and counts["second_first"][0] > 0.2
+    with pytest.raises(ValueError, match="placement must be"):
+        induction.build(**SMALL_INDUCTION, placement="late")
+    with pytest.raises(ValueError, match="placement must be"):
+        induction.induction_batch(4, 24, 16, torch.Generator().manual_seed(0), "late")
 
 
 def test_a_sink_head_adds_nothing_when_its_sink_wins_and_is_a_plain_head_when_it_loses():
@@ -74,7 +89,7 @@ def test_the_health_check_reports_the_sink_share_away_from_the_circuit_only_with
 class StandInCopier(torch.nn.Module):
     """Answers right exactly where the first S sits at or before ``copies_up_to``."""
 
-    vocab, seq_len = 24, 16
+    vocab, seq_len, placement = 24, 16, "second_first"  # the last quarter rare, as before placements were named
 
     def __init__(self, copies_up_to: int):
         super().__init__()
@@ -94,7 +109,7 @@ class StandInCopier(torch.nn.Module):
 def test_the_health_check_reports_the_worst_quarter_of_the_first_s_positions():
     # seq_len 16: the first S in 1..13, quarters {1-4}, {5-7}, {8-10}, {11-13}
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    tokens, q, _ = induction.induction_batch(4096, 24, 16, gen())
+    tokens, q, _ = induction.induction_batch(4096, 24, 16, gen(), "second_first")
     early = float((induction.first_s(tokens, q) <= 10).float().mean())
     report = induction.check(StandInCopier(copies_up_to=10), gen())
     assert report.figures == {"copy_accuracy": pytest.approx(early), "copy_accuracy_worst_quarter": 0.0}
@@ -113,7 +128,7 @@ def test_induction_recipe_refuses_an_unknown_loss_away_from_the_answer():
 def _layer1_error_away_from_the_circuit(module: torch.nn.Module) -> float:
     """Logit error with layer 1's output zeroed away from the circuit's
     positions (first S, M, second S), as a share of zeroing it everywhere."""
-    tokens, q, _ = induction.induction_batch(512, module.vocab, module.seq_len, torch.Generator().manual_seed(0))
+    tokens, q, _ = induction.batch_for(module, 512, torch.Generator().manual_seed(0))
     away = ~induction.circuit_positions(tokens, q)
 
     def zeroed(where):
@@ -135,7 +150,7 @@ def test_the_sink_target_turns_its_induction_head_off_away_from_the_circuit(smal
     circuit's positions matters far less than in the plain target's (measured
     0.064 against 0.28)."""
     torch.manual_seed(0)
-    sunk = induction.build(**SMALL_INDUCTION, sink=True)
+    sunk = induction.build(**SMALL_INDUCTION, sink=True, placement=registry.TARGETS["induction-sink"].arch["placement"])
     induction.fit(sunk, dict(SMALL_INDUCTION_TRAIN, away="uniform"), torch.Generator().manual_seed(0))
     assert induction.check(sunk, torch.Generator().manual_seed(1)).healthy
     plain, off = _layer1_error_away_from_the_circuit(small_induction.module), _layer1_error_away_from_the_circuit(sunk)
@@ -162,7 +177,7 @@ def test_induction_ablation_values_follow_the_layers(small_induction):
     model = small_induction
     pieces = exact_pieces(model.weights())
     per_layer = {n: np.full(U.shape[0], int(n.split(".")[1])) for n, (U, V) in pieces.items()}
-    batch = induction.induction_batch(256, model.module.vocab, model.module.seq_len, torch.Generator().manual_seed(0))
+    batch = induction.batch_for(model.module, 256, torch.Generator().manual_seed(0))
     whole = induction_scoring.function_values(model, *batch)
     layer0, layer1 = induction_scoring.ablation_values(model, pieces, per_layer, batch)
     # layer 1 comes after layer 0's attention pattern: ablating it leaves the pattern as it was

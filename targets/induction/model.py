@@ -52,11 +52,18 @@ class AttentionHead(nn.Module):
         return x + self.o(pattern @ self.v(x))
 
 
+PLACEMENTS = ("uniform", "second_first")
+
+
 class InductionTransformer(nn.Module):
+    """``placement``: how its data places the repeated pair (``induction_batch``)."""
+
     def __init__(self, vocab: int = 128, d_model: int = 16, seq_len: int = 64, n_layers: int = 2,
-                 sink: bool = False):
+                 sink: bool = False, placement: str = "uniform"):
         super().__init__()
-        self.vocab, self.seq_len = vocab, seq_len
+        if placement not in PLACEMENTS:
+            raise ValueError(f"induction placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
+        self.vocab, self.seq_len, self.placement = vocab, seq_len, placement
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.5)
         self.layers = nn.ModuleList(AttentionHead(d_model, sink) for _ in range(n_layers))
@@ -69,17 +76,35 @@ class InductionTransformer(nn.Module):
         return self.unembed(x)
 
 
-def induction_batch(n: int, vocab: int, seq_len: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def induction_batch(n: int, vocab: int, seq_len: int, gen: torch.Generator,
+                    placement: str = "uniform") -> tuple[Tensor, Tensor, Tensor]:
     """Sequences with one repeated pair: tokens (n, seq_len), the position q of
-    the second S and the answer M (the token after the first S)."""
+    the second S and the answer M (the token after the first S). "uniform":
+    the first S uniform over 1..seq_len-3, the second uniform after it, so
+    every position is as often where the copy starts. "second_first" (the
+    placement before it, kept by induction-sink): the second S uniform over
+    3..seq_len-1, the first uniform before it, so a first S in the last quarter
+    comes in 4% of sequences, and the targets trained on it copied little
+    from there (RESULTS.md, "Where the pair sits")."""
     # distinct content tokens per sequence: the first seq_len-1 of a random permutation of 1..vocab-1
     perm = torch.rand(n, vocab - 1, generator=gen).argsort(dim=1)[:, : seq_len - 1] + 1
     tokens = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), perm], dim=1)
-    q = torch.randint(3, seq_len, (n,), generator=gen)
-    first = (torch.rand(n, generator=gen) * (q - 2).float()).long() + 1  # in [1, q-2]
+    if placement == "uniform":
+        first = (torch.rand(n, generator=gen) * (seq_len - 3)).long() + 1  # in [1, seq_len-3]
+        q = first + 2 + (torch.rand(n, generator=gen) * (seq_len - 2 - first).float()).long()  # in [first+2, seq_len-1]
+    elif placement == "second_first":
+        q = torch.randint(3, seq_len, (n,), generator=gen)
+        first = (torch.rand(n, generator=gen) * (q - 2).float()).long() + 1  # in [1, q-2]
+    else:
+        raise ValueError(f"induction placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
     rows = torch.arange(n)
     tokens[rows, q] = tokens[rows, first]
     return tokens, q, tokens[rows, first + 1]
+
+
+def batch_for(model: InductionTransformer, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """``induction_batch`` with the model's vocabulary, length and placement."""
+    return induction_batch(n, model.vocab, model.seq_len, gen, model.placement)
 
 
 def first_s(tokens: Tensor, q: Tensor) -> Tensor:
@@ -107,7 +132,7 @@ def build(**arch) -> InductionTransformer:
 
 
 def sample(model: InductionTransformer, batch: int, gen: torch.Generator) -> Tensor:
-    return induction_batch(batch, model.vocab, model.seq_len, gen)[0]
+    return batch_for(model, batch, gen)[0]
 
 
 @torch.no_grad()
@@ -128,7 +153,7 @@ def fit(model: InductionTransformer, recipe: dict, gen: torch.Generator, on_step
         raise ValueError(f"induction recipe: away must be 'next_token' or 'uniform', not {away!r}")
 
     def batch_loss(g: torch.Generator) -> Tensor:
-        tokens, q, answer = induction_batch(recipe["batch"], model.vocab, model.seq_len, g)
+        tokens, q, answer = batch_for(model, recipe["batch"], g)
         rows = torch.arange(len(q))
         logits = model(tokens)
         answer_loss = nn.functional.cross_entropy(logits[rows, q], answer)
@@ -162,16 +187,16 @@ def sink_share_off_circuit(model: InductionTransformer, tokens: Tensor, q: Tenso
 def check(model: InductionTransformer, gen: torch.Generator, n: int = 4096) -> HealthReport:
     """Healthy when held-out in-context copy accuracy is >= 95%. Not part of
     the verdict, it also reports the copy accuracy where the first S sits in
-    the worst quarter of its positions: the data puts the first S in the last
-    quarter in 4% of sequences, and the built-in targets measured copied
-    0.003-0.48 from there (0.15-0.87 at a batch of 256), their previous-token
-    heads attending to t-1 at 0.96-1.00 in positions 1-15 and 0.01-0.49 in
-    48-63 (RESULTS.md, "Where the pair sits"). With sinks it also
+    the worst quarter of its positions: placed "second_first", the first S
+    is in the last quarter in 4% of sequences, and the targets trained on it
+    copied 0.003-0.48 from there (0.15-0.87 at a batch of 256), their
+    previous-token heads attending to t-1 at 0.96-1.00 in positions 1-15 and
+    0.01-0.49 in 48-63 (RESULTS.md, "Where the pair sits"). With sinks it also
     reports how fully the induction head is off away from the circuit (not
     part of the verdict): on induction-sink the learned gates found the head
     where this share was 0.97-0.98 and split its O where it was 0.93-0.94
     (RESULTS.md, "induction-sink with a batch of 256")."""
-    tokens, q, answer = induction_batch(n, model.vocab, model.seq_len, gen)
+    tokens, q, answer = batch_for(model, n, gen)
     ok = copied(model, tokens, q, answer).float()
     quarter = first_s_quarter(tokens, q)
     acc, worst = float(ok.mean()), min(float(ok[quarter == i].mean()) for i in quarter.unique())

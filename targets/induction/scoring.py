@@ -25,7 +25,7 @@ from torch import Tensor
 from apdkit.core.masks import Activity, active_masks
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import Pieces, pieces_sum
-from apdkit.targets.induction.model import induction_batch
+from apdkit.targets.induction.model import batch_for
 
 FUNCTIONS = {"prev_token": "layers.0.", "induction": "layers.1."}  # function -> its head's matrices
 NEEDED_BELOW = 0.5  # ablating a needed mechanism takes the function below this share of the target's value
@@ -58,8 +58,7 @@ def function_values(model: DecomposedModel, tokens: Tensor, q: Tensor, answer: T
 
 
 def _eval_batch(model: DecomposedModel, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    m = model.module
-    return induction_batch(EVAL_SEQUENCES, m.vocab, m.seq_len, gen)
+    return batch_for(model.module, EVAL_SEQUENCES, gen)
 
 
 def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float],
