@@ -52,9 +52,9 @@ def main() -> None:
     parser.add_argument("stores", nargs="+")
     parser.add_argument("--sequences", type=int, default=8192)
     parser.add_argument("--placement", choices=PLACEMENTS,
-                        help="place the pair so instead of as the target's data does now (a built-in's placement "
-                             "is the registry's: induction runs from before it was uniform were trained on "
-                             "second_first)")
+                        help="the pair's placement to read the stores with (default: the target's, which for a "
+                             "built-in is the registry's today; induction stores from before its data was "
+                             "uniform were trained on second_first)")
     args = parser.parse_args()
     for path in args.stores:
         positions(path, args.sequences, args.placement)

@@ -55,14 +55,18 @@ class AttentionHead(nn.Module):
 PLACEMENTS = ("uniform", "second_first")
 
 
+def check_placement(placement: str) -> None:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"induction placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
+
+
 class InductionTransformer(nn.Module):
     """``placement``: how its data places the repeated pair (``induction_batch``)."""
 
     def __init__(self, vocab: int = 128, d_model: int = 16, seq_len: int = 64, n_layers: int = 2,
                  sink: bool = False, placement: str = "uniform"):
         super().__init__()
-        if placement not in PLACEMENTS:
-            raise ValueError(f"induction placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
+        check_placement(placement)  # at build, not at the first batch
         self.vocab, self.seq_len, self.placement = vocab, seq_len, placement
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.5)
@@ -86,17 +90,16 @@ def induction_batch(n: int, vocab: int, seq_len: int, gen: torch.Generator,
     3..seq_len-1, the first uniform before it, so a first S in the last quarter
     comes in 4% of sequences, and the targets trained on it copied little
     from there (RESULTS.md, "Where the pair sits")."""
+    check_placement(placement)
     # distinct content tokens per sequence: the first seq_len-1 of a random permutation of 1..vocab-1
     perm = torch.rand(n, vocab - 1, generator=gen).argsort(dim=1)[:, : seq_len - 1] + 1
     tokens = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), perm], dim=1)
     if placement == "uniform":
         first = (torch.rand(n, generator=gen) * (seq_len - 3)).long() + 1  # in [1, seq_len-3]
         q = first + 2 + (torch.rand(n, generator=gen) * (seq_len - 2 - first).float()).long()  # in [first+2, seq_len-1]
-    elif placement == "second_first":
+    else:  # second_first
         q = torch.randint(3, seq_len, (n,), generator=gen)
         first = (torch.rand(n, generator=gen) * (q - 2).float()).long() + 1  # in [1, q-2]
-    else:
-        raise ValueError(f"induction placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
     rows = torch.arange(n)
     tokens[rows, q] = tokens[rows, first]
     return tokens, q, tokens[rows, first + 1]
