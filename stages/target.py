@@ -168,7 +168,13 @@ def load_from_store(run: Run, module: nn.Module | None = None, data: Any = None)
     ref = TargetRef.from_dict(run.target_ref())
     if module is None:
         stored_arch = run.attrs(TARGET).get("arch")
-        module = ref.builtin.build(**stored_arch) if ref.builtin is not None and stored_arch else build_module(ref)
+        if ref.builtin is not None and stored_arch:
+            try:
+                module = ref.builtin.build(**stored_arch)
+            except (TypeError, ValueError) as e:
+                raise StageError(f"the store's {ref.model} architecture {stored_arch} no longer builds: {e}") from None
+        else:
+            module = build_module(ref)
     try:
         module.load_state_dict(run.target_state())
     except RuntimeError as e:

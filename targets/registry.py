@@ -92,14 +92,14 @@ TARGETS: dict[str, TargetSpec] = {
         induction.spec("induction", dict(vocab=128, d_model=32, seq_len=64, n_layers=2, placement="uniform"),
                        _INDUCTION_TRAIN, _INDUCTION),
         # the same circuit with heads that can be off: a sink logit per head and flat logits asked for away from
-        # the answer whatever the context (targets/induction/model.py). d_model 48 and 10,000 steps: at 32 copy
+        # the answer whatever the context (targets/induction/model.py). d_model 48: at 32 copy
         # accuracy was 0.80-0.95 over seeds and settings, below health. Learned faithfulness 1,000: at 100 layer 0's
         # V and O sums missed W by 4% and verify failed faithfulness (RESULTS.md, "induction-sink"). Positions only
         # in layer 0's queries and keys, fixed sinusoids: with them in the residual stream and the pair placed
         # uniformly, the targets copied by another circuit (a duplicate-token head, then a position lookup); placed
         # second S first, they copied little from the end of the sequence; learned codes in layer 0 only copied
         # 0.07 after 3,000 steps where sinusoids copied 1.000 (seed 1). A 60-step warm-up: at 200 the copy had not
-        # formed after 10,000 steps (seeds 1, 3). The rest penalty from half-way: without it the head's sink share
+        # formed by step 4,400 of 10,000 (seeds 1, 3). The rest penalty from half-way: without it the head's sink share
         # was 0.70-0.92 at 3,000 steps, and verify failed on 3 of 5 seeds with spectral grouping; with it 5 of 5
         # pass and mdl finds the head on the 3 seeds whose share is >= 0.98 ("induction-sink: positions only in
         # layer 0's queries and keys")

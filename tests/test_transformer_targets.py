@@ -360,6 +360,12 @@ def test_a_built_in_store_is_rebuilt_with_the_arch_it_was_trained_with(tmp_path,
     tokens = induction.sample(trained, 8, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), trained(tokens))
+    import zarr
+
+    from apdkit.stages.errors import StageError
+    zarr.open_group(str(tmp_path / "t.zarr"))["target"].attrs["arch"] = dict(then, heads=2)  # an argument since removed
+    with pytest.raises(StageError, match="no longer builds"):
+        load_from_store(Run(tmp_path / "t.zarr"))
 
 
 def test_the_rest_penalty_starts_at_its_share_of_the_steps_and_needs_a_sink():
