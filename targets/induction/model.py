@@ -173,10 +173,15 @@ def sample(model: InductionTransformer, batch: int, gen: torch.Generator) -> Ten
     return batch_for(model, batch, gen)[0]
 
 
+def answered(logits: Tensor, q: Tensor, answer: Tensor) -> Tensor:
+    """(n,) bool: whether the top logit at the second S is the answer."""
+    return logits[torch.arange(len(q)), q].argmax(-1) == answer
+
+
 @torch.no_grad()
 def copied(model: nn.Module, tokens: Tensor, q: Tensor, answer: Tensor) -> Tensor:
     """(n,) bool: whether the model's top logit at the second S is the answer."""
-    return model(tokens)[torch.arange(len(q)), q].argmax(-1) == answer
+    return answered(model(tokens), q, answer)
 
 
 def fit(model: InductionTransformer, recipe: dict, gen: torch.Generator, on_step=None) -> float:
@@ -206,7 +211,7 @@ def fit(model: InductionTransformer, recipe: dict, gen: torch.Generator, on_step
     def batch_loss(g: torch.Generator) -> Tensor:
         tokens, q, answer = batch_for(model, recipe["batch"], g)
         rows = torch.arange(len(q))
-        logits, pattern = logits_and_last_pattern(model, tokens)
+        logits, pattern = logits_and_last_pattern(model, tokens) if rest else (model(tokens), None)
         answer_loss = nn.functional.cross_entropy(logits[rows, q], answer)
         if away == "uniform":
             elsewhere = torch.ones(tokens.shape, dtype=torch.bool)
@@ -259,7 +264,7 @@ def check(model: InductionTransformer, gen: torch.Generator, n: int = 4096) -> H
     sink = model.layers[-1].sink is not None
     with torch.no_grad():
         logits, pattern = logits_and_last_pattern(model, tokens) if sink else (model(tokens), None)
-    ok = (logits[torch.arange(n), q].argmax(-1) == answer).float()
+    ok = answered(logits, q, answer).float()
     quarter = first_s_quarter(tokens, q)
     acc, worst = float(ok.mean()), min(float(ok[quarter == i].mean()) for i in quarter.unique())
     summary = (f"in-context copy accuracy {acc:.3f} (healthy >= 0.95); "
