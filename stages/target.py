@@ -91,10 +91,13 @@ def train_builtin(spec: TargetSpec, seed: int, reporter: Reporter) -> tuple[nn.M
                               lambda step, loss: reporter.advance(task, step + 1, f"loss {loss:.2e}"))
         reporter.finish(task)
         health = spec.check(module, torch.Generator().manual_seed(attempt_seed + 1))
-        reporter.message(f"target {spec.name}: {health.summary}")
         if health.healthy:
+            reporter.message(f"target {spec.name}: {health.summary}")
             return module, {"seed": attempt_seed, "source": "trained", "final_loss": final_loss,
                             "health": health.figures, "healthy": True}
+        if attempt + 1 < MAX_TRAINING_ATTEMPTS:  # shown without -v: the user sees why training starts again
+            reporter.message(f"warning: target {spec.name} unhealthy on attempt {attempt + 1} ({health.summary}); "
+                             "training again from a derived seed")
     raise StageError(f"target {spec.name} unhealthy after {MAX_TRAINING_ATTEMPTS} training attempts: {health.summary}")
 
 

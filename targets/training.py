@@ -23,12 +23,12 @@ def cosine_lr(step: int, total: int, warmup: int, schedule: str) -> float:
 
 def train_loop(
     model: nn.Module,
-    batch_loss: Callable[[torch.Generator], Tensor],
+    batch_loss: Callable[[torch.Generator, int], Tensor],
     recipe: dict,
     gen: torch.Generator,
     on_step: Callable[[int, float], None] | None = None,
 ) -> float:
-    """AdamW on ``batch_loss(gen)`` for ``recipe["steps"]`` steps (lr, weight
+    """AdamW on ``batch_loss(gen, step)`` for ``recipe["steps"]`` steps (lr, weight
     decay, warm-up share and schedule from the recipe; optional ``betas`` and
     gradient-norm ``clip``); returns the mean loss over the last tenth of the
     steps. Deterministic given ``gen``."""
@@ -40,7 +40,7 @@ def train_loop(
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = recipe["lr"] * cosine_lr(step, steps, warmup, recipe.get("schedule", "cosine"))
-        loss = batch_loss(gen)
+        loss = batch_loss(gen, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if "clip" in recipe:
@@ -61,7 +61,7 @@ def fit_target(
     on_step: Callable[[int, float], None] | None = None,
 ) -> float:
     """Train ``model`` on (input, label) batches with MSE (the feature toys)."""
-    def batch_loss(g: torch.Generator) -> Tensor:
+    def batch_loss(g: torch.Generator, step: int) -> Tensor:
         x, y = sample(recipe["batch"], g)
         return torch.nn.functional.mse_loss(model(x), y)
 

@@ -248,6 +248,38 @@ def test_a_trained_target_is_stored_with_the_health_check_that_accepted_it(tmp_p
     assert calls == [0] and attrs["healthy"] is True and attrs["health"] == {"check": 1.0}
 
 
+def test_an_unhealthy_target_is_trained_again_from_a_derived_seed_and_the_user_is_told_why(monkeypatch):
+    import dataclasses
+
+    from apdkit.stages.errors import StageError
+    from apdkit.stages.target import MAX_TRAINING_ATTEMPTS, target_attempt_seed, train_builtin
+    from apdkit.targets import registry
+    from apdkit.targets.spec import HealthReport
+
+    class Recorder:
+        def __init__(self):
+            self.messages = []
+
+        def message(self, text):
+            self.messages.append(text)
+
+        start = advance = finish = lambda self, *args: None
+
+    spec = registry.TARGETS["tms_5-2"]
+    spec = dataclasses.replace(spec, train=dict(spec.train, steps=10))
+    healthy_from = lambda n: lambda module, gen, calls=[]: (  # noqa: E731
+        calls.append(1) or HealthReport(len(calls) >= n, f"check {len(calls)}", {"check": float(len(calls))}))
+    reporter = Recorder()
+    _, attrs = train_builtin(dataclasses.replace(spec, check=healthy_from(2)), 7, reporter)
+    assert attrs["seed"] == target_attempt_seed(7, 1) != 7 and attrs["health"] == {"check": 2.0}
+    assert [m for m in reporter.messages if m.startswith("warning:")] == [
+        "warning: target tms_5-2 unhealthy on attempt 1 (check 1); training again from a derived seed"]
+    reporter = Recorder()
+    with pytest.raises(StageError, match=f"unhealthy after {MAX_TRAINING_ATTEMPTS} training attempts: check 5"):
+        train_builtin(dataclasses.replace(spec, check=healthy_from(99)), 7, reporter)
+    assert len([m for m in reporter.messages if m.startswith("warning:")]) == MAX_TRAINING_ATTEMPTS - 1
+
+
 def test_fewer_pieces_than_the_rank_is_warned(tms_store, tmp_path):
     cfg = _small(tmp_path, steps=20, warm_start_steps=10, checkpoint_every=50, n_pieces=1, eval_samples=100)
     result = apd("stage1", "--model", "tms_5-2", "--store", tms_store, "--config", cfg)

@@ -64,7 +64,7 @@ def fit(model: ModAddMLP, recipe: dict, gen: torch.Generator, on_step=None) -> f
     """Full-batch AdamW with strong weight decay on the training pairs."""
     train, _ = model.split()
     x, y = model.encode(train), model.answers(train)
-    return train_loop(model, lambda g: nn.functional.cross_entropy(model(x), y), recipe, gen, on_step)
+    return train_loop(model, lambda g, step: nn.functional.cross_entropy(model(x), y), recipe, gen, on_step)
 
 
 def check(model: ModAddMLP, gen: torch.Generator) -> HealthReport:

@@ -109,7 +109,7 @@ def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 def fit(model: TinyLM, recipe: dict, gen: torch.Generator, on_step=None) -> float:
     text = corpus_split(held_out=False)
 
-    def batch_loss(g: torch.Generator) -> Tensor:
+    def batch_loss(g: torch.Generator, step: int) -> Tensor:
         tokens = windows(text, recipe["batch"], model.context, g)
         return next_token_loss(model(tokens), tokens)
 
