@@ -52,6 +52,8 @@ def store_status(path: Path, check: bool = True) -> list[tuple[str, str, str]]:
         if stage == TARGET and status == "done":
             detail = (f"{attrs['ref']['model']} ({attrs.get('source')}, seed {attrs.get('seed')}), "
                       f"weights sha256 {attrs.get('weights_sha256', '?')[:16]}")
+            if "health" in attrs:  # a built-in trained here: what its health check measured when it accepted it
+                detail += "; health " + ", ".join(f"{k} {v:.4g}" for k, v in attrs["health"].items())
         elif stage == STAGE1 and status == "done":
             scores = attrs.get("scores", {})
             keys = [k for k in scores if k.startswith(STAGE1_HEADLINES)]

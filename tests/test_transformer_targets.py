@@ -12,6 +12,7 @@ from apdkit import open_run
 from apdkit.cli.main import app
 from apdkit.core.model import DecomposedModel
 from apdkit.core.pieces import singleton_labels
+from apdkit.pipeline.status import store_status
 from apdkit.targets import registry
 from apdkit.targets.spec import missed_criteria
 from apdkit.targets.induction import model as induction
@@ -226,6 +227,10 @@ def test_induction_runs_end_to_end_with_its_scores(tmp_path, monkeypatch):
     assert len(flagged) == len(set(flagged))  # verify's scores and the grouping's same ones: flagged once
     status = CliRunner().invoke(app, ["status", str(store)])
     assert status.exit_code == 0, status.output
+    health = run.attrs("target")["health"]
+    target_row = next(detail for stage, _, detail in store_status(store) if stage == "target")
+    assert target_row.endswith(f"; health copy_accuracy {health['copy_accuracy']:.4g}, "
+                               f"copy_accuracy_worst_quarter {health['copy_accuracy_worst_quarter']:.4g}")
     drifted = any(v > 0.02 for k, v in stage1.items() if k.startswith("faithfulness_rel_error/"))
     assert ("MISSED" in status.output) == bool(missed or drifted)
 
