@@ -141,6 +141,8 @@ def headline(target: str) -> list[tuple[str, str, str]]:
         return HEADLINES["tms-id" if target.endswith("-id") else "tms"]
     if target.startswith("resid"):
         return HEADLINES["resid"]
+    if target.startswith("induction"):  # induction-sink scores the same two heads
+        return HEADLINES["induction"]
     return HEADLINES[target]
 
 
