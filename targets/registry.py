@@ -91,8 +91,8 @@ TARGETS: dict[str, TargetSpec] = {
         # 5 seeds (RESULTS.md, "Where the pair sits")
         induction.spec("induction", dict(vocab=128, d_model=32, seq_len=64, n_layers=2, placement="uniform"),
                        _INDUCTION_TRAIN, _INDUCTION),
-        # the same circuit with heads that can be off: a sink logit per head and flat logits asked for away from
-        # the answer whatever the context (targets/induction/model.py). d_model 48: at 32 copy
+        # the same circuit with heads that can be off: a sink logit per head and flat logits asked for away from the
+        # answer whatever the context (targets/induction/model.py). d_model 48: at 32 copy
         # accuracy was 0.80-0.95 over seeds and settings, below health. Learned faithfulness 1,000: at 100 layer 0's
         # V and O sums missed W by 4% and verify failed faithfulness (RESULTS.md, "induction-sink"). Positions only
         # in layer 0's queries and keys, fixed sinusoids: with them in the residual stream and the pair placed
@@ -102,8 +102,10 @@ TARGETS: dict[str, TargetSpec] = {
         # formed by step 4,400 of 10,000 (seeds 1, 3). The rest penalty from half-way: without it the head's sink share
         # was 0.70-0.92 at 3,000 steps, and verify failed on 3 of 5 seeds with spectral grouping; with it 5 of 5
         # pass ("induction-sink: positions only in layer 0's queries and keys"), and with a target whose share is
-        # under 0.97 retrained (its health check), mdl finds the head on 5 of 5 ("a head that does not rest")
-        induction.spec("induction-sink", dict(vocab=128, d_model=48, seq_len=64, n_layers=2, sink=True,
+        # under 0.97 retrained (its health check), mdl finds the head on 5 of 5 ("a head that does not rest"). A sink on
+        # the induction head only trained healthy on every first attempt, but verify with spectral grouping failed the
+        # adversarial check on 4 of 5 seeds ("a sink on the induction head only")
+        induction.spec("induction-sink", dict(vocab=128, d_model=48, seq_len=64, n_layers=2, sink="all",
                                               placement="uniform", positions="layer0_qk"),
                        dict(_INDUCTION_TRAIN, away="uniform", steps=6000, warmup=0.01, rest=0.1, rest_from=0.5),
                        dict(_INDUCTION, n_pieces=48, learned_faithfulness_coeff=1000.0)),

@@ -73,6 +73,14 @@ def test_a_sink_head_adds_nothing_when_its_sink_wins_and_is_a_plain_head_when_it
         assert torch.equal(sunk(x), x + sunk.o(torch.zeros_like(x)))  # every row's attention on the sink
 
 
+def test_sink_names_the_heads_that_have_one_and_a_stored_bool_builds_as_before():
+    for sink, has in (("none", [False, False]), ("all", [True, True]), ("last", [False, True]),
+                      (True, [True, True]), (False, [False, False])):  # stores written before "last" hold a bool
+        assert [layer.sink is not None for layer in induction.build(**SMALL_INDUCTION, sink=sink).layers] == has
+    with pytest.raises(ValueError, match="sink must be one of none, all, last"):
+        induction.build(**SMALL_INDUCTION, sink="first")
+
+
 def test_the_health_check_reports_the_sink_share_away_from_the_circuit_only_with_sinks():
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     plain = induction.check(induction.build(**SMALL_INDUCTION), gen())
@@ -165,7 +173,8 @@ def test_the_sink_target_turns_its_induction_head_off_away_from_the_circuit(smal
     0.040 against 0.41)."""
     torch.manual_seed(0)
     arch = registry.TARGETS["induction-sink"].arch
-    sunk = induction.build(**dict(SMALL_INDUCTION, sink=True, placement=arch["placement"], positions=arch["positions"]))
+    sunk = induction.build(**dict(SMALL_INDUCTION, sink=arch["sink"], placement=arch["placement"],
+                                  positions=arch["positions"]))
     induction.fit(sunk, dict(SMALL_INDUCTION_TRAIN, away="uniform"), torch.Generator().manual_seed(0))
     # it copies; without the rest penalty its head rests only partly (0.57), so the check calls it unhealthy
     assert induction.check(sunk, torch.Generator().manual_seed(1)).figures["copy_accuracy"] >= 0.95
