@@ -208,7 +208,7 @@ def _find_store(store: Optional[Path], model: Optional[str]) -> Path:
 
 @app.command()
 def group(
-    method: Optional[str] = typer.Option(None, help="spectral (default) | louvain | leiden | mdl | threshold | auto (lowest description length)"),
+    method: Optional[str] = typer.Option(None, help="spectral (default; a built-in target may name another: induction and induction-sink use mdl) | louvain | leiden | mdl | threshold | auto (lowest description length)"),
     store: Optional[Path] = typer.Option(None, help="run directory (default: runs/<model>.zarr, or the only store in runs/)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="find the store as runs/<model>.zarr"),
     n_groups: Optional[int] = typer.Option(None, help="spectral: number of groups (default: automatic)"),
@@ -219,6 +219,9 @@ def group(
     shared_pieces: Optional[str] = typer.Option(None, help="own (default): a piece that two mechanisms never "
                                                 "active together use about equally becomes its own mechanism | "
                                                 "method: it stays where the method put it"),
+    always_on: Optional[str] = typer.Option(None, help="own (default): each module's part of a mechanism that is "
+                                            "on for (almost) every input becomes its own mechanism | "
+                                            "method: it stays where the method put it"),
     name: Optional[str] = typer.Option(None, help="name of the grouping in the store (default: the method)"),
     config: Optional[Path] = typer.Option(None, help="YAML file of grouping settings"),
     scheduler: Optional[str] = typer.Option(None, help="address of a dask.distributed scheduler (default: local threads)"),
@@ -227,14 +230,14 @@ def group(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
 ) -> None:
     """Group co-activating rank-1 pieces into higher-rank mechanisms."""
-    from apdkit.stages.config import resolve_group
+    from apdkit.pipeline.api import group_config, stored_ref
     from apdkit.stages.group.stage import run_group
 
     path = _find_store(store, model)
     with user_errors(path):
-        cfg = resolve_group(config, method=method, n_groups=n_groups, alpha=alpha, threshold=threshold,
+        cfg = group_config(stored_ref(path), config, method=method, n_groups=n_groups, alpha=alpha, threshold=threshold,
                             resolution=resolution, samples=samples, name=name,
-                            shared_pieces=shared_pieces)
+                            shared_pieces=shared_pieces, always_on=always_on)
         client = _dask_client(scheduler)
         try:
             with reporter(quiet or as_json) as rep:
@@ -331,7 +334,7 @@ def run_all(
     hidden: Optional[list[str]] = typer.Option(None, "--hidden", help="modules whose outputs minimality also matches"),
     store: Optional[Path] = typer.Option(None, help="run directory (default runs/<model>.zarr)"),
     config: Optional[Path] = typer.Option(None, help="YAML file of stage-1 settings"),
-    method: Optional[str] = typer.Option(None, help="grouping method (default spectral)"),
+    method: Optional[str] = typer.Option(None, help="grouping method (default spectral; a built-in target may name another: induction and induction-sink use mdl)"),
     steps: Optional[int] = typer.Option(None, help="stage-1 training steps (after the warm start)"),
     seed: Optional[int] = typer.Option(None, help="seed for target training, data and init"),
     device: Optional[str] = typer.Option(None, help="auto (the GPU when there is one, the default) | cpu | cuda"),
@@ -342,15 +345,15 @@ def run_all(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """The whole pipeline: target, stage 1, grouping, verify. Rerun to resume; finished stages are skipped."""
-    from apdkit.pipeline.api import stage1_config
+    from apdkit.pipeline.api import group_config, stage1_config
     from apdkit.pipeline.run import run_pipeline
-    from apdkit.stages.config import resolve_group, resolve_verify
+    from apdkit.stages.config import resolve_verify
 
     path = store or default_store(model)
     with user_errors(path):
         ref = target_ref(model, data, modules, output, insert_identity, hidden)
         s1 = stage1_config(ref, config, seed=seed, steps=steps, device=device, attribution=attribution)
-        grp = resolve_group(None, method=method)
+        grp = group_config(ref, None, method=method)
         ver = resolve_verify(None)
         with reporter(quiet or as_json) as rep, tracked(log_to, path, ref.model) as on_metrics:
             result = run_pipeline(path, ref, s1, grp, ver, rep, force=force, on_metrics=on_metrics)
@@ -423,7 +426,7 @@ app.add_typer(config_app, name="config")
 @config_app.command("show")
 def config_show(
     stage: str = typer.Option("stage1", help="stage1 | group | verify"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="a built-in target: its stage-1 defaults"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="a built-in target: its stage-1 or grouping defaults"),
     config: Optional[Path] = typer.Option(None, help="a YAML file to resolve on top of the defaults"),
     comments: bool = typer.Option(False, help="each setting's description above it"),
 ) -> None:
@@ -435,7 +438,7 @@ def config_show(
         if stage == "stage1":
             cfg = resolve_stage1(dict(get_target(model).stage1) if model else {}, config)
         elif stage == "group":
-            cfg = resolve_group(config)
+            cfg = resolve_group(config, dict(get_target(model).group) if model else None)
         elif stage == "verify":
             cfg = resolve_verify(config)
         else:

@@ -28,7 +28,7 @@ from apdkit.stages.selection import mechanism_masks
 from apdkit.stages.stage1.stage import run_stage1
 from apdkit.stages.target import Target, load_from_store
 from apdkit.stages.verify.stage import run_verify
-from apdkit.stores.run import STAGE1, Run
+from apdkit.stores.run import STAGE1, Run, StoreError
 from apdkit.targets.load import TargetRef, resolve_ref
 
 
@@ -41,6 +41,21 @@ def stage1_config(ref: TargetRef, config: Stage1Config | Mapping[str, Any] | str
     if isinstance(config, Mapping):
         return resolve_stage1({**defaults, **config}, None, **flags)
     return resolve_stage1(defaults, Path(config) if config is not None else None, **flags)
+
+
+def group_config(ref: TargetRef | None, config: str | os.PathLike | None = None, **flags: Any) -> GroupConfig:
+    """Generic < the target's grouping defaults (a built-in's ``group``) < ``config`` (YAML path) < flags."""
+    defaults = dict(ref.builtin.group) if ref is not None and ref.builtin is not None else {}
+    return resolve_group(Path(config) if config is not None else None, defaults, **flags)
+
+
+def stored_ref(store: str | os.PathLike) -> TargetRef | None:
+    """The target a store was made for; None where it holds none yet (the
+    stage that needs one says so)."""
+    try:
+        return TargetRef.from_dict(Run(Path(store)).target_ref())
+    except StoreError:
+        return None
 
 
 def decompose(model: nn.Module | str, data: Any = None, modules: Sequence[str] = (), store: str | os.PathLike = "",
@@ -97,9 +112,10 @@ class RunResults(Run):
         return self._loaded().module
 
     # -- stages -------------------------------------------------------------
-    def group(self, method: str = "spectral", *, force: bool = False, reporter: Reporter | None = None,
+    def group(self, method: str | None = None, *, force: bool = False, reporter: Reporter | None = None,
               **settings: Any) -> dict:
-        cfg = settings.pop("config", None) or resolve_group(None, method=method, **settings)
+        """Group the pieces; ``method`` None: the target's default (spectral unless a built-in names another)."""
+        cfg = settings.pop("config", None) or group_config(self._loaded().ref, None, method=method, **settings)
         return run_group(self.path, cfg, force=force, reporter=reporter, target=self._loaded())
 
     def verify(self, grouping: str | None = None, *, reporter: Reporter | None = None, **settings: Any) -> dict:

@@ -163,6 +163,12 @@ class GroupConfig(BaseModel):
         "'own' makes it a mechanism of its own, so no mechanism holds pieces of two such mechanisms; 'method' "
         "leaves it on the side the method chose (resid_mlp3, 5 seeds: spectral merges 0 features with 'own', 2 "
         "on one seed with 'method'; 'own' splits 4-17 features; benchmarks/RESULTS.md, 'Unions')")
+    always_on: Literal["method", "own"] = Field(
+        "own", description="a mechanism that spans several modules (a matrix's module is its name's parent: "
+        "'layers.1' for 'layers.1.q'): 'own' makes each module's part that is on for at least 99% of the inputs "
+        "a mechanism of its own, since such a part fires with any other at chance and co-activation cannot tie "
+        "them; 'method' leaves it where the method put it (induction-sink, mdl: layer 1's always-on Q, K and V "
+        "joined layer 0's head; benchmarks/RESULTS.md, 'Always-on parts')")
     min_rate: float = Field(1e-3, ge=0, lt=1, description="pieces active on fewer inputs than this fraction are dead")
     rank_rtol: float = Field(0.05, gt=0, lt=1, description="numerical rank: singular values below this times the largest piece are zero")
     dl_samples: int = Field(50_000, gt=0, description="inputs sampled for description lengths inside methods "
@@ -254,8 +260,10 @@ def resolve_stage1(target_defaults: dict[str, Any] | None = None, yaml_path: Pat
     return _resolve(Stage1Config, target_defaults or {}, yaml_path, flags)
 
 
-def resolve_group(yaml_path: Path | None = None, **flags: Any) -> GroupConfig:
-    return _resolve(GroupConfig, {}, yaml_path, flags)
+def resolve_group(yaml_path: Path | None = None, target_defaults: dict[str, Any] | None = None,
+                  **flags: Any) -> GroupConfig:
+    """Generic defaults < the target's defaults < YAML < flags (None = not given)."""
+    return _resolve(GroupConfig, target_defaults or {}, yaml_path, flags)
 
 
 def resolve_verify(yaml_path: Path | None = None, **flags: Any) -> VerifyConfig:

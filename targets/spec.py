@@ -23,7 +23,8 @@ class HealthReport:
 class TargetSpec:
     """``arch`` holds the factory's arguments (JSON-able), so a stored spec
     rebuilds the module; ``train`` is the target-training recipe; ``stage1``
-    the toy's stage-1 defaults (over the generic ones)."""
+    and ``group`` the toy's stage-1 and grouping defaults (over the generic
+    ones)."""
 
     name: str
     build: Callable[..., nn.Module]
@@ -36,6 +37,7 @@ class TargetSpec:
     output: str | None = None
     hidden: tuple[str, ...] = ()
     stage1: dict[str, Any] = field(default_factory=dict)
+    group: dict[str, Any] = field(default_factory=dict)
     fast_sites: Callable | None = None
     # Ground truth, for toys that have one (see targets/tms/scoring.py):
     # scores(model, pieces, topk, active=None) -> {name: float}; truth_labels(model, pieces, topk, names) -> labels.

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from apdkit.cli.main import app
-from apdkit.pipeline.api import stage1_config
+from apdkit.pipeline.api import group_config, stage1_config, stored_ref
 from apdkit.stages.config import resolve_group, resolve_verify
 from apdkit.targets.load import resolve_ref
 from apdkit.targets.registry import TARGETS
@@ -40,6 +40,22 @@ def test_group_and_verify_config_round_trip(tmp_path):
         f = tmp_path / f"{stage}.yaml"
         f.write_text(runner.invoke(app, ["config", "show", "--stage", stage]).output)
         assert resolve(f) == resolve(None)
+
+
+def test_a_built_in_target_names_its_grouping_default(tmp_path):
+    def ref(model):
+        return resolve_ref(model, (), None, (), (), None)
+
+    assert group_config(ref("induction-sink")).method == group_config(ref("induction")).method == "mdl"
+    assert group_config(ref("tms_5-2")).method == "spectral"
+    assert group_config(None).method == "spectral"
+    assert group_config(ref("induction-sink"), method="spectral").method == "spectral"  # a flag wins
+    f = tmp_path / "g.yaml"
+    f.write_text("method: louvain\n")
+    assert group_config(ref("induction-sink"), f).method == "louvain"  # and a YAML file
+    shown = runner.invoke(app, ["config", "show", "--stage", "group", "--model", "induction-sink"])
+    assert shown.exit_code == 0 and "method: mdl" in shown.output.splitlines(), shown.output
+    assert stored_ref(tmp_path) is None  # not a store: the stage that needs one says so
 
 
 def test_examples_are_what_config_show_prints():

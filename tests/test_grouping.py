@@ -6,7 +6,7 @@ import pytest
 
 from apdkit.stages.group.coactivation import coactivation_numpy
 from apdkit.stages.group.methods import (METHODS, GroupingError, GroupingInput, GroupingSettings, apart, bridges,
-                                        group_pieces, split_apart)
+                                        group_pieces, module_name, split_always_on, split_apart)
 from apdkit.stages.group.mechanisms import (best_split, description_length, feature_merges, numerical_rank,
                                             partition_scores, relabel, split_unions, union_mechanisms)
 
@@ -312,3 +312,58 @@ def test_group_pieces_splits_unions_unless_the_count_is_fixed():
     with pytest.raises(GroupingError, match="sample of the masks"):
         group_pieces("spectral", GroupingInput(inp.stats, masks[:0], inp.matrix_of, inp.union_rank),
                      GroupingSettings())
+
+
+def _two_always_on_modules(n=2000, seed=0):
+    """Pieces 0, 1 in module 0 and 2, 3 in module 1 on for every input (each
+    module's matrix used everywhere); 4, 5 in module 1 fire together on a
+    fifth of the inputs. Every piece its own direction of its module's matrix."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, 6), dtype=bool)
+    masks[:, :4] = True
+    masks[:, [4, 5]] = (rng.random(n) < 0.2)[:, None]
+    module_of = np.array([0, 0, 1, 1, 1, 1])
+
+    def union_rank(positions):
+        return np.bincount(module_of[positions], minlength=2)
+
+    return GroupingInput(coactivation_numpy(masks), masks, module_of, union_rank, module_of)
+
+
+def test_mdl_joins_always_on_parts_of_two_modules_and_always_on_own_splits_them():
+    inp = _two_always_on_modules()
+    # joining two always-on groups saves the bits that name one of them, so mdl joins them whatever they do
+    joined = group_pieces("mdl", inp, GroupingSettings(always_on="method", together_min=0.0))
+    assert joined.tolist() == [0, 0, 0, 0, 1, 1]
+    for together_min in (0.0, 0.3):  # token targets run without the apart rule; the split runs either way
+        own = group_pieces("mdl", inp, GroupingSettings(together_min=together_min))
+        assert own.tolist() == [0, 0, 1, 1, 2, 2]
+    # a fixed group count is the user's: nothing is split
+    fixed = group_pieces("spectral", inp, GroupingSettings(n_groups=2))
+    assert len(np.unique(fixed)) == 2
+
+
+def test_split_always_on_splits_only_always_on_parts_across_modules():
+    masks = np.zeros((100, 5), dtype=bool)
+    masks[:99, 0] = True  # module 0: on for 99 of 100 inputs (always on: >= 0.99)
+    masks[:98, 1] = True  # module 1: on for 98 (not always on)
+    masks[::2, 2] = True  # module 1: half
+    masks[:, [3, 4]] = True  # both in module 2: always on, one module
+    module_of = np.array([0, 1, 1, 2, 2])
+    inp = GroupingInput(coactivation_numpy(masks), masks, module_of, None, module_of)
+    # group 0 spans modules 0 and 1: module 0's part leaves, module 1's parts (98% and half) stay together;
+    # group 1 lies in one module and is kept; -1 (dead) stays out
+    assert split_always_on(np.array([0, 0, 0, 1, 1]), inp).tolist() == [0, 1, 1, 2, 2]
+    assert split_always_on(np.array([0, 0, -1, 1, 1]), inp).tolist() == [0, 1, -1, 2, 2]
+    assert split_always_on(np.array([-1, -1, 0, 1, 1]), inp).tolist() == [-1, -1, 0, 1, 1]
+    # both parts always on: one keeps the label, the other becomes a mechanism
+    assert split_always_on(np.array([0, 1, 1, 0, 0]), inp).tolist() == [0, 1, 1, 2, 2]
+    # no modules given, or one module: unchanged
+    one = GroupingInput(inp.stats, masks, module_of, None)
+    assert split_always_on(np.array([0, 0, 0, 1, 1]), one).tolist() == [0, 0, 0, 1, 1]
+
+
+def test_module_name_is_the_parent():
+    assert module_name("layers.1.q") == "layers.1"
+    assert module_name("transformer.h.0.mlp.c_fc") == "transformer.h.0.mlp"
+    assert module_name("W") == ""

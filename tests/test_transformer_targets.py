@@ -219,9 +219,18 @@ def test_induction_runs_end_to_end_with_its_scores(tmp_path, monkeypatch):
                                             eval_samples=64))
     monkeypatch.setitem(registry.TARGETS, "induction", small)
     store = tmp_path / "ind.zarr"
-    result = CliRunner().invoke(app, ["run", "--model", "induction", "--store", str(store), "--method", "mdl", "-q"])
+    result = CliRunner().invoke(app, ["run", "--model", "induction", "--store", str(store), "-q"])  # mdl: its default
     assert result.exit_code in (0, 1), result.output
+    again = CliRunner().invoke(app, ["group", "--store", str(store), "-q"])  # no --method: the target's, done
+    assert again.exit_code == 0, again.output
     run = open_run(store)
+    assert run.groupings() == ["mdl"]
+    # no mechanism joins parts of both layers that are each on at every position (split_always_on)
+    labels, masks = run.grouping("mdl"), run.masks()
+    for g in range(run.grouping_info("mdl")["n_groups"]):
+        always = {int(n.split(".")[1]) for n in labels if (labels[n] == g).any()
+                  and np.asarray(masks[n])[:, labels[n] == g].any(axis=1).mean() >= 0.99}
+        assert len(always) <= 1, g
     assert run.attrs("target")["health"]["copy_accuracy"] >= 0.95
     stage1 = run.scores()
     assert stage1["induction/induction/target"] >= 0.9

@@ -30,6 +30,7 @@ class GroupingInput:
     sample_masks: sparse.sparray | np.ndarray  # (n_sub, P) bool: a sample of inputs, for description lengths
     matrix_of: np.ndarray  # (P,) which matrix each piece is in
     union_rank: Callable[[np.ndarray], np.ndarray]  # piece positions -> rank per matrix of their sum
+    module_of: np.ndarray | None = None  # (P,) which module (a matrix's parent, module_name) each piece is in; None: one
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class GroupingSettings:
     max_groups: int | None = None
     together_min: float = TOGETHER_MIN
     shared_pieces: str = "own"  # every bridge piece a mechanism of its own ("method": where the method put it)
+    always_on: str = "own"  # a module's always-on part of a mechanism its own mechanism ("method": left joined)
     seed: int = 0
 
 
@@ -383,6 +385,50 @@ def split_bridges(labels: np.ndarray, inp: GroupingInput, s: GroupingSettings) -
     return relabel(out)
 
 
+ALWAYS_ON = 0.99  # a part of a mechanism on for at least this share of the inputs is always on
+
+
+def module_name(matrix: str) -> str:
+    """The module a matrix belongs to: its name's parent ("layers.1" for
+    "layers.1.q", "" for a top-level matrix)."""
+    return matrix.rpartition(".")[0]
+
+
+def split_always_on(labels: np.ndarray, inp: GroupingInput) -> np.ndarray:
+    """Give each module's always-on part of a mechanism that spans several
+    modules a mechanism of its own. A part on for (almost) every input fires
+    with any other part exactly as often as chance says, so co-activation
+    holds no evidence that it belongs with them; a description length still
+    joins such parts (one always-on mechanism costs fewer bits than two).
+    Seen on induction-sink: layer 1's Q, K and V, on everywhere so that the
+    head can rest on its sink, joined layer 0's previous-token head.
+    The parts that are not always on stay together."""
+    if inp.module_of is None or len(np.unique(inp.module_of)) < 2 or inp.sample_masks.shape[0] == 0:
+        return labels
+    masks = inp.sample_masks
+    out = labels.copy()
+    next_label = int(labels.max()) + 1
+    for g in np.unique(labels[labels >= 0]):
+        idx = np.flatnonzero(labels == g)
+        modules = np.unique(inp.module_of[idx])
+        if len(modules) < 2:
+            continue
+        parts = [idx[inp.module_of[idx] == m] for m in modules]
+        on = [np.asarray((masks[:, part] != 0).sum(axis=1)).ravel() > 0 for part in parts]
+        always = [part for part, o in zip(parts, on) if o.mean() >= ALWAYS_ON]
+        if len(always) == len(parts):
+            always = always[1:]  # the first keeps the label
+        for part in always:
+            out[part] = next_label
+            next_label += 1
+    return relabel(out)
+
+
+def always_on_applies(s: GroupingSettings) -> bool:
+    """Whether split_always_on runs after the method: not with a fixed group count."""
+    return s.n_groups is None and s.always_on == "own"
+
+
 def splits_apply(s: GroupingSettings) -> bool:
     """Whether the apart rule, the union split and the bridges run after the
     method: not with a fixed group count, nor with together_min 0."""
@@ -390,12 +436,16 @@ def splits_apply(s: GroupingSettings) -> bool:
 
 
 def group_pieces(method: str, inp: GroupingInput, s: GroupingSettings) -> np.ndarray:
-    """One label per alive piece: the method's grouping, then (unless the
+    """One label per alive piece: the method's grouping; unless the group
+    count is fixed, with always_on "own" each module's always-on part of a
+    mechanism split off (split_always_on); then (unless the
     group count is fixed or together_min is 0) split so that no group holds
     two pieces that are apart, split where a group is a union of two
     mechanisms (mechanisms.split_unions, on the masks sample), and with
     shared_pieces "own" every bridge piece made a mechanism of its own."""
     labels = METHODS[method](inp, s)
+    if always_on_applies(s):
+        labels = split_always_on(labels, inp)
     if not splits_apply(s):
         return labels
     labels = split_apart(labels, inp, s)

@@ -16,8 +16,8 @@ from apdkit.stages.group.coactivation import (CoactivationStats, PieceIndex, ali
                                               coactivation_numpy, group_activity_counts, sample_masks, sample_rows)
 from apdkit.stages.group.mechanisms import (description_length, feature_merges, identity_mechanisms, mechanism_ranks,
                                             partition_scores, rank_function, relabel)
-from apdkit.stages.group.methods import (METHODS, GroupingError, GroupingInput, GroupingSettings, group_pieces,
-                                         splits_apply)
+from apdkit.stages.group.methods import (METHODS, GroupingError, GroupingInput, GroupingSettings, always_on_applies,
+                                         group_pieces, module_name, splits_apply)
 from apdkit.stages.progress import Reporter, SilentReporter
 from apdkit.stages.seeds import generator
 from apdkit.stages.selection import Gates, piece_masks, scorer_activity
@@ -109,16 +109,17 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
         together_min = TOGETHER_MIN if run.mask_rows_are_inputs() else 0.0
     settings = GroupingSettings(n_groups=cfg.n_groups, alpha=cfg.alpha, threshold=cfg.threshold,
                                 resolution=cfg.resolution, together_min=together_min,
-                                shared_pieces=cfg.shared_pieces, seed=cfg.seed)
+                                shared_pieces=cfg.shared_pieces, always_on=cfg.always_on, seed=cfg.seed)
     # a sample of the masks (dl_samples x alive pieces, sparse), read only where it is used: mdl's description
-    # lengths, and the union split
-    if "mdl" in methods or splits_apply(settings):
+    # lengths, the always-on split and the union split
+    if "mdl" in methods or splits_apply(settings) or always_on_applies(settings):
         sampled = sample_masks(masks[:stored_rows], sample_rows(stored_rows, cfg.dl_samples, cfg.seed), alive_idx,
                                scheduler=scheduler)
     else:
         sampled = sparse.csc_array((0, len(alive_idx)), dtype=np.int8)
     union_rank = rank_function(index, pieces, alive_idx, cfg.rank_rtol)
-    inp = GroupingInput(sub, sampled, index.matrix_of()[alive], union_rank)
+    module_of = np.unique([module_name(n) for n in index.names], return_inverse=True)[1][index.matrix_of()]
+    inp = GroupingInput(sub, sampled, index.matrix_of()[alive], union_rank, module_of[alive])
     results = []
     for method in methods:
         reporter.message(f"grouping with {method}")
