@@ -235,9 +235,9 @@ def group(
 
     path = _find_store(store, model)
     with user_errors(path):
-        cfg = group_config(stored_ref(path), config, method=method, n_groups=n_groups, alpha=alpha, threshold=threshold,
-                            resolution=resolution, samples=samples, name=name,
-                            shared_pieces=shared_pieces, always_on=always_on)
+        cfg = group_config(stored_ref(path), config, method=method, n_groups=n_groups, alpha=alpha,
+                           threshold=threshold, resolution=resolution, samples=samples, name=name,
+                           shared_pieces=shared_pieces, always_on=always_on)
         client = _dask_client(scheduler)
         try:
             with reporter(quiet or as_json) as rep:
