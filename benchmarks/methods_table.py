@@ -13,9 +13,11 @@ that finished before are read back, not rerun (delete <dir>/<mode>/<target>-
 beside its store. `--jobs N` runs N cells at once: they share the GPU and the
 cores, so their times are upper bounds, and one run keeps several cores busy,
 so 2 to 6 suit a 16-core GPU machine. `--cell-timeout S` stops a cell after S
-seconds and leaves it out of the table. `--grouping mdl` (or any method)
-reads that grouping instead of `apd run`'s spectral one, grouping and verifying
-each store first where it lacks one; the time to solution then includes it.
+seconds and leaves it out of the table. The table reads the grouping `apd run`
+made (the target's default: spectral, mdl for induction and induction-sink);
+`--grouping mdl` (or any method) reads that grouping instead, grouping and
+verifying each store first where it lacks one; the time to solution then
+includes it.
 """
 
 from __future__ import annotations
@@ -86,9 +88,10 @@ def add_grouping(store: Path, method: str) -> None:
     timing.write_text(json.dumps(times))
 
 
-def cell_figures(store: Path, grouping: str = "spectral") -> dict[str, Any] | None:
-    """The cell's scores: ground truth from stage 1, the grouping and verify
-    (floats), and the names of the verify checks that failed."""
+def cell_figures(store: Path, grouping: str | None = None) -> dict[str, Any] | None:
+    """The cell's scores: ground truth from stage 1, the grouping (None: the
+    one `apd run` made) and verify (floats), and the names of the verify
+    checks that failed."""
     timing = store.with_suffix(".json")
     if not timing.exists():
         return None
@@ -97,8 +100,8 @@ def cell_figures(store: Path, grouping: str = "spectral") -> dict[str, Any] | No
     if any(k.startswith("resid/") for k in out) and "resid/dedicated_features" not in out:
         out.update(_rescore(run))  # a store from before the any-layer count
     groupings = run.groupings()
-    if grouping in groupings:
-        name = grouping
+    name = grouping if grouping is not None else next(iter(groupings), None)
+    if name in groupings:
         out.update(run.grouping_info(name).get("scores", {}))
         ver = run.verification(name) or {}
         out.update(ver.get("truth", {}))
@@ -108,7 +111,7 @@ def cell_figures(store: Path, grouping: str = "spectral") -> dict[str, Any] | No
         if adv:
             out["adversarial"] = adv["fraction_of_ablated"]
     times = json.loads(timing.read_text())
-    out["wall_seconds"] = times["wall_seconds"] + times.get(f"{grouping}_seconds", 0.0)
+    out["wall_seconds"] = times["wall_seconds"] + (times.get(f"{grouping}_seconds", 0.0) if grouping else 0.0)
     return out
 
 
@@ -173,14 +176,15 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="print the table of what exists; run nothing")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once")
     parser.add_argument("--cell-timeout", type=float, default=None, help="seconds before a cell is stopped")
-    parser.add_argument("--grouping", default="spectral", help="grouping method whose figures the table shows")
+    parser.add_argument("--grouping", default=None, help="grouping method whose figures the table shows "
+                        "(default: the one apd run made)")
     parser.add_argument("--json", type=Path, default=None, help="also write every cell's figures to this file")
     args = parser.parse_args()
     if not args.table_only:
         cells = [(m, t, s) for m in args.modes for t in args.targets for s in args.seeds]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             stores = list(pool.map(lambda c: run_cell(args.dir, *c, timeout=args.cell_timeout), cells))
-            if args.grouping != "spectral":
+            if args.grouping is not None:
                 list(pool.map(lambda store: add_grouping(store, args.grouping), stores))
     figures = {}
     print("| mode | " + " | ".join(args.targets) + " |")
