@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The transformer targets' ground-truth figures, as a user gets them: for each
-# target and seed, `apd run` with the defaults (spectral), mdl on the same
-# stage 1, and the same again with `init: random` on a copy of the store
+# target and seed, `apd run` with the defaults (the target's grouping), spectral
+# and mdl on the same stage 1 (the one apd run made is kept), and the same again with `init: random` on a copy of the store
 # (same target). Prints one JSON line per (target, seed, init, grouping).
 # Usage: bash benchmarks/transformer_targets.sh OUT_DIR "induction modadd" "0 1 2"
 set -u
@@ -14,8 +14,10 @@ for model in $targets; do
     start=$(date +%s)
     apd run --model "$model" --seed "$seed" --store "$store" -q > "$out/$model-$seed.run.txt" 2>&1
     echo "{\"target\": \"$model\", \"seed\": $seed, \"apd_run_seconds\": $(( $(date +%s) - start ))}"
-    apd group --store "$store" --method mdl -q > /dev/null 2>&1
-    apd verify --store "$store" --method mdl -q > "$out/$model-$seed.verify-mdl.txt" 2>&1
+    for m in spectral mdl; do
+      apd group --store "$store" --method $m -q > /dev/null 2>&1
+      apd verify --store "$store" --method $m -q > "$out/$model-$seed.verify-$m.txt" 2>&1
+    done
     rm -rf "$out/$model-$seed-random.zarr"; cp -r "$store" "$out/$model-$seed-random.zarr"
     apd stage1 --model "$model" --seed "$seed" --store "$out/$model-$seed-random.zarr" --config "$out/random.yaml" \
       --force -q > /dev/null 2>&1
