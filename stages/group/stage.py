@@ -110,15 +110,16 @@ def _run_group_locked(store_path: Path, cfg: GroupConfig, *, scheduler=None, for
     settings = GroupingSettings(n_groups=cfg.n_groups, alpha=cfg.alpha, threshold=cfg.threshold,
                                 resolution=cfg.resolution, together_min=together_min,
                                 shared_pieces=cfg.shared_pieces, always_on=cfg.always_on, seed=cfg.seed)
+    module_of = np.unique([module_name(n) for n in index.names], return_inverse=True)[1][index.matrix_of()]
     # a sample of the masks (dl_samples x alive pieces, sparse), read only where it is used: mdl's description
-    # lengths, the always-on split and the union split
-    if "mdl" in methods or splits_apply(settings) or always_on_applies(settings):
+    # lengths, the union split, and the always-on split (which needs two modules)
+    if ("mdl" in methods or splits_apply(settings)
+            or (always_on_applies(settings) and len(np.unique(module_of[alive])) > 1)):
         sampled = sample_masks(masks[:stored_rows], sample_rows(stored_rows, cfg.dl_samples, cfg.seed), alive_idx,
                                scheduler=scheduler)
     else:
         sampled = sparse.csc_array((0, len(alive_idx)), dtype=np.int8)
     union_rank = rank_function(index, pieces, alive_idx, cfg.rank_rtol)
-    module_of = np.unique([module_name(n) for n in index.names], return_inverse=True)[1][index.matrix_of()]
     inp = GroupingInput(sub, sampled, index.matrix_of()[alive], union_rank, module_of[alive])
     results = []
     for method in methods:
