@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from apdkit import open_run
+from apdkit.pipeline.api import group_config, stored_ref
 
 MODES = ("gradient", "integrated_gradients", "ablation", "learned")
 
@@ -90,8 +91,8 @@ def add_grouping(store: Path, method: str) -> None:
 
 def cell_figures(store: Path, grouping: str | None = None) -> dict[str, Any] | None:
     """The cell's scores: ground truth from stage 1, the grouping (None: the
-    one `apd run` made) and verify (floats), and the names of the verify
-    checks that failed."""
+    one `apd run` made; its name under "grouping") and verify (floats), and
+    the names of the verify checks that failed."""
     timing = store.with_suffix(".json")
     if not timing.exists():
         return None
@@ -100,8 +101,10 @@ def cell_figures(store: Path, grouping: str | None = None) -> dict[str, Any] | N
     if any(k.startswith("resid/") for k in out) and "resid/dedicated_features" not in out:
         out.update(_rescore(run))  # a store from before the any-layer count
     groupings = run.groupings()
-    name = grouping if grouping is not None else next(iter(groupings), None)
+    # apd run's grouping is the target's default one (another may have been added beside it with --grouping)
+    name = grouping if grouping is not None else group_config(stored_ref(store)).grouping_name
     if name in groupings:
+        out["grouping"] = name
         out.update(run.grouping_info(name).get("scores", {}))
         ver = run.verification(name) or {}
         out.update(ver.get("truth", {}))

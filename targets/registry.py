@@ -90,7 +90,8 @@ TARGETS: dict[str, TargetSpec] = {
         # the previous-token head stopped attending to t-1 past position 48 and copy from there was 0.003-0.48 on
         # 5 seeds (RESULTS.md, "Where the pair sits")
         # mdl groups it: with each layer's always-on part its own mechanism, mdl found the previous-token head on
-        # seeds 0-4 and the induction head on 0, 2, 4; spectral found neither on any (RESULTS.md, "Always-on parts")
+        # seeds 0-4 and the induction head on 0, 2, 4 with one torch thread (with two, seed 0 missed it); spectral
+        # found neither on any (RESULTS.md, "Always-on parts")
         induction.spec("induction", dict(vocab=128, d_model=32, seq_len=64, n_layers=2, placement="uniform"),
                        _INDUCTION_TRAIN, _INDUCTION, group=dict(method="mdl")),
         # the same circuit with heads that can be off: a sink logit per head and flat logits asked for away from the

@@ -79,13 +79,20 @@ def test_methods_table_reads_another_grouping_and_makes_it_where_missing(id_stor
     assert cell["ari"] == 1.0 and cell["verify_passed"] == 1.0  # the exact grouping: 5 features, the identity
     assert cell["wall_seconds"] > 1.0
     assert "verify 1/1" in done.stdout
-    # without --grouping the table reads the grouping apd run made, whichever method (induction's is mdl)
+    # without --grouping the table reads the grouping apd run makes, the target's default (spectral here;
+    # induction's is mdl), also where another grouping sits beside it
+    for command in (["group"], ["verify", "--method", "spectral"]):  # group: the target's default method
+        made = subprocess.run([sys.executable, "-m", "apdkit.cli", *command, "--store", str(store), "-q"],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert made.returncode == 0, made.stderr[-2000:]
+    assert open_run(store).groupings() == ["mdl", "spectral"]
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "methods_table.py"), "--dir", str(tmp_path),
                             "--targets", "tms_5-2-id", "--seeds", "0", "--modes", "gradient", "--table-only",
                             "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
     cell = json.loads(out.read_text())["gradient/tms_5-2-id-0"]
     assert cell["ari"] == 1.0 and cell["verify_passed"] == 1.0 and cell["wall_seconds"] == 1.0
+    assert cell["grouping"] == "spectral"
 
 
 def test_methods_table_has_a_headline_for_every_built_in_target_with_ground_truth():
