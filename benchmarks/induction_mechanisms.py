@@ -9,7 +9,12 @@ matrix, how many of its pieces each input position keeps on.
 Why: the recovery scores say whether a head came out as its own mechanisms,
 not why not. The reasons measured so far: a mechanism that joins matrices of
 both layers, or layer 0's V and O apart from its Q and K (the copy then
-needs layer-0 mechanisms the previous-token attention does not).
+needs layer-0 mechanisms the previous-token attention does not), or a head
+split over several mechanisms none of which is needed alone. For the last,
+per function the head's mechanisms together (those with >= 90% of their
+weight in the head): the function keeping only them (and the mechanisms it
+needs), and with all of them ablated. A diagnostic, not a recovery score:
+one mechanism per piece would pass it too, so read it with their count.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from apdkit import open_run
 from apdkit.core.pieces import pieces_sum
 from apdkit.stages.target import load_from_store
 from apdkit.targets.induction.model import batch_for
-from apdkit.targets.induction.scoring import FUNCTIONS, NEEDED_BELOW, ablation_values, function_values
+from apdkit.targets.induction.scoring import FUNCTIONS, NEEDED_BELOW, keep_masks, ablation_values, function_values
+
+IN_HEAD = 0.9  # a mechanism with this share of its weight in a head's matrices counts as the head's
 
 
 def describe(path: str, grouping: str, sequences: int = 512) -> None:
@@ -41,6 +48,7 @@ def describe(path: str, grouping: str, sequences: int = 512) -> None:
     active = {n: float(np.asarray(masks[n][:4096]).sum(axis=1).mean()) for n in pieces}
     print("  pieces on per position: " + ", ".join(f"{n} {a:.1f}/{pieces[n][0].shape[0]}" for n, a in active.items()))
     print("  mechanism | pieces per matrix | weight share layer 0 / 1 | prev-token, copy with it ablated | needed by")
+    head_of, needed_by = {f: set() for f in FUNCTIONS}, {f: set() for f in FUNCTIONS}
     for g, values in enumerate(ablated):
         held, norms = [], {}
         for n, (U, V) in pieces.items():
@@ -52,8 +60,20 @@ def describe(path: str, grouping: str, sequences: int = 512) -> None:
         share = [sum(v for n, v in norms.items() if n.startswith(head)) / total for head in FUNCTIONS.values()]
         ratio = {f: values[f] / max(whole[f], 1e-12) for f in FUNCTIONS}
         needed = [f for f in FUNCTIONS if ratio[f] < NEEDED_BELOW] or ["-"]
+        for f, sh in zip(FUNCTIONS, share):
+            if sh >= IN_HEAD:
+                head_of[f].add(g)
+            if f in needed:
+                needed_by[f].add(g)
         print(f"  {g:3d} | {' '.join(held)} | {share[0]:.2f} / {share[1]:.2f} | "
               f"{ratio['prev_token']:.2f}, {ratio['induction']:.2f} | {', '.join(needed)}")
+    everything = set(range(len(ablated)))
+    for f in FUNCTIONS:
+        mine = head_of[f]
+        kept = function_values(model, *batch, pieces=pieces, masks=keep_masks(labels, mine | needed_by[f], False))[f]
+        gone = function_values(model, *batch, pieces=pieces, masks=keep_masks(labels, everything - mine, True))[f]
+        print(f"  {f} head's mechanisms together ({len(mine)}: {sorted(mine)}): kept with the ones it needs "
+              f"{kept / max(whole[f], 1e-12):.2f}, all ablated {gone / max(whole[f], 1e-12):.2f}")
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ def scores(model: DecomposedModel, pieces: Pieces, topk: Mapping[str, float],
     return {f"induction/{f}/{run}": v[f] for run, v in runs.items() for f in FUNCTIONS}
 
 
-def _keep_masks(labels: Mapping[str, np.ndarray], groups: set[int], dead: bool) -> dict[str, Tensor]:
+def keep_masks(labels: Mapping[str, np.ndarray], groups: set[int], dead: bool) -> dict[str, Tensor]:
     """Per matrix: 1 on the pieces of ``groups`` (and on the set-aside pieces,
     label < 0, when ``dead``), 0 elsewhere."""
     chosen = torch.tensor(sorted(groups), dtype=torch.long)
@@ -92,7 +92,7 @@ def ablation_values(model: DecomposedModel, pieces: Pieces, labels: Mapping[str,
     """Per mechanism g: both functions with g alone ablated (every other
     mechanism and the set-aside pieces on)."""
     n_groups = int(max((lab.max() for lab in labels.values()), default=-1)) + 1
-    return [function_values(model, *batch, pieces=pieces, masks=_keep_masks(labels, set(range(n_groups)) - {g}, True))
+    return [function_values(model, *batch, pieces=pieces, masks=keep_masks(labels, set(range(n_groups)) - {g}, True))
             for g in range(n_groups)]
 
 
@@ -109,12 +109,12 @@ def mechanism_scores(model: DecomposedModel, pieces: Pieces, labels: Mapping[str
     out: dict[str, float] = {}
     for f, head in FUNCTIONS.items():
         own = needed[f] - (needed["prev_token"] if f == "induction" else set())
-        members = _keep_masks(labels, own, dead=False)
+        members = keep_masks(labels, own, dead=False)
         norms = {n: float(pieces_sum(U[members[n].bool()], V[members[n].bool()]).norm() ** 2)
                  for n, (U, V) in pieces.items()}
         total = sum(norms.values())
         in_head = sum(v for n, v in norms.items() if n.startswith(head)) / total if total > 0 else 0.0
-        only_needed = _keep_masks(labels, needed[f], dead=False)
+        only_needed = keep_masks(labels, needed[f], dead=False)
         kept = function_values(model, *batch, pieces=pieces, masks=only_needed)[f] / max(target[f], 1e-12)
         out[f"induction/{f}/needed_mechanisms"] = float(len(needed[f]))
         out[f"induction/{f}/share_in_head"] = in_head
