@@ -28,7 +28,7 @@ from apdkit import open_run
 from apdkit.core.pieces import pieces_sum
 from apdkit.stages.target import load_from_store
 from apdkit.targets.induction.model import batch_for
-from apdkit.targets.induction.scoring import FUNCTIONS, NEEDED_BELOW, keep_masks, ablation_values, function_values
+from apdkit.targets.induction.scoring import FUNCTIONS, NEEDED_BELOW, ablation_values, function_values, keep_masks
 
 IN_HEAD = 0.9  # a mechanism with this share of its weight in a head's matrices counts as the head's
 

@@ -7,7 +7,10 @@ verify verdicts and time to solution.
         --modes gradient integrated_gradients ablation learned [--jobs 4]
 
 A mode is an attribution method with batch top-k minimality, or `learned`
-(gates; no attribution, no k); each overrides the target's own default. Runs
+(gates; no attribution, no k); each overrides the target's own default mode.
+`learned` keeps the target's learned-mode settings where it names them (a
+start of 0.1 and an error target on modadd, induction, induction-sink and
+tiny_lm; elsewhere the generic fixed coefficient of 1). Runs
 that finished before are read back, not rerun (delete <dir>/<mode>/<target>-
 <seed>.zarr to redo one). Each `apd run`'s config and wall time are kept
 beside its store. `--jobs N` runs N cells at once: they share the GPU and the
